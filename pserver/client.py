@@ -1,0 +1,184 @@
+"""The client trainers use: pull and push rows and dense variables across all pservers.
+
+`pull` dedups ids, splits them by owning pserver, calls every pserver in
+parallel (gRPC futures), and scatters the answers back into request order.
+Every call has a deadline; a failed call raises the typed error of
+`pserver.errors` carrying the server's message and naming the pserver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import grpc
+import numpy as np
+
+from pserver import psrt_pb2 as pb
+from pserver.config import JobConfig
+from pserver.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
+from pserver.server import channel_options
+from pserver.servicer import SERVICE
+from pserver.sharding import owner
+from pserver.table import sum_duplicates
+from pserver.wire import decode_tensor, encode_ids, encode_tensor
+
+log = logging.getLogger(__name__)
+_METHODS = {
+    "Pull": (pb.PullRequest, pb.PullResponse),
+    "Push": (pb.PushRequest, pb.PushResponse),
+    "PullDense": (pb.DensePullRequest, pb.DensePullResponse),
+    "PushDense": (pb.DensePushRequest, pb.DensePushResponse),
+    "Info": (pb.InfoRequest, pb.InfoResponse),
+}
+
+
+class PSClient:
+    """Talks to every pserver of a job on behalf of trainer `trainer_id`."""
+
+    def __init__(self, config: JobConfig, trainer_id: int = 0,
+                 addresses: Iterable[str] | None = None) -> None:
+        self.config = config
+        self.trainer_id = trainer_id
+        self.addresses = list(addresses or config.pservers)
+        self.deadline = config.rpc.deadline_s
+        self._dims = {t.name: t.dim for t in config.tables}
+        self._dense = {d.name: (config.dense_owner(d.name), d.shape) for d in config.dense}
+        opts = channel_options(config)
+        self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._stubs = [
+            {name: ch.unary_unary(f"/{SERVICE}/{name}", request_serializer=req.SerializeToString,
+                                  response_deserializer=resp.FromString)
+             for name, (req, resp) in _METHODS.items()}
+            for ch in self._channels
+        ]
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait (gRPC reconnects with backoff) until every pserver answers."""
+        timeout = self.config.rpc.connect_timeout_s if timeout is None else timeout
+        for p, ch in enumerate(self._channels):
+            try:
+                grpc.channel_ready_future(ch).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                raise Unavailable(f"pserver[{p}] at {self.addresses[p]} did not answer within "
+                                  f"{timeout:.0f}s (rpc.connect_timeout_s)") from None
+
+    def _call(self, p: int, method: str, request: object) -> grpc.Future:
+        return self._stubs[p][method].future(request, timeout=self.deadline)
+
+    def _result(self, fut: grpc.Future, p: int, what: str) -> object:
+        try:
+            return fut.result()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, f"{what} on pserver[{p}] at {self.addresses[p]}") from None
+
+    def _split(self, ids: np.ndarray) -> list[np.ndarray]:
+        """Positions in `ids` owned by each pserver."""
+        n = len(self.addresses)
+        if n == 1:
+            return [np.arange(len(ids))]
+        owners = owner(ids, n, self.config.virtual_shards)
+        order = np.argsort(owners, kind="stable")
+        bounds = np.searchsorted(owners[order], np.arange(n + 1))
+        return [order[bounds[p]:bounds[p + 1]] for p in range(n)]
+
+    def dim(self, table: str) -> int:
+        if table not in self._dims:
+            raise NotFound(f"unknown table {table!r} (tables: {', '.join(self._dims)})")
+        return self._dims[table]
+
+    def pull(self, table: str, ids: np.ndarray, step: int = 0, unique: bool = False) -> np.ndarray:
+        """Rows of `ids` (float32, (len(ids), dim)) in request order; duplicates allowed.
+
+        `unique=True` promises the ids are distinct, skipping the dedup. In sync mode
+        `step` > 0 waits until every step before it is applied.
+        """
+        ids = np.asarray(ids, dtype=np.uint64).ravel()
+        dim = self.dim(table)
+        uniq, inverse = (ids, None) if unique else np.unique(ids, return_inverse=True)
+        parts = self._split(uniq)
+        futs = [(p, pos, self._call(p, "Pull", pb.PullRequest(
+                    table=table, ids=encode_ids(uniq[pos]), trainer_id=self.trainer_id,
+                    step=step)))
+                for p, pos in enumerate(parts) if len(pos) or len(parts) == 1]
+        if len(futs) == 1 and len(futs[0][1]) == len(uniq):
+            p, _, fut = futs[0]
+            rows = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
+            out = rows
+        else:
+            out = np.empty((len(uniq), dim), dtype=np.float32)
+            for p, pos, fut in futs:
+                out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
+        return out if inverse is None else out[inverse]
+
+    def _rows(self, resp: pb.PullResponse, n: int, dim: int, p: int) -> np.ndarray:
+        rows = decode_tensor(resp.rows, f"Pull answer from pserver[{p}]")
+        if rows.shape != (n, dim):
+            raise InvalidArgument(f"Pull: pserver[{p}] answered shape {list(rows.shape)}, "
+                                  f"expected {[n, dim]}")
+        return rows
+
+    def push(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0) -> int:
+        """Push gradients of rows; duplicate ids are summed here, in the order given.
+
+        In sync mode every pserver gets a push (possibly empty) for the step.
+        """
+        ids = np.asarray(ids, dtype=np.uint64).ravel()
+        grads = np.asarray(grads, dtype=np.float32)
+        dim = self.dim(table)
+        if grads.shape != (len(ids), dim):
+            raise InvalidArgument(f"Push: table {table!r} has dim {dim}; {len(ids)} ids need "
+                                  f"gradients of shape {[len(ids), dim]}, got {list(grads.shape)}")
+        uniq, summed = sum_duplicates(ids, grads)
+        sync = self.config.mode == "sync"
+        futs = [(p, self._call(p, "Push", pb.PushRequest(
+                    table=table, ids=encode_ids(uniq[pos]), grads=encode_tensor(summed[pos]),
+                    trainer_id=self.trainer_id, step=step)))
+                for p, pos in enumerate(self._split(uniq)) if len(pos) or sync]
+        applied = [self._result(f, p, f"Push {table!r}").applied_steps for p, f in futs]
+        return min(applied, default=0)
+
+    def _dense_by_pserver(self, names: Iterable[str]) -> dict[int, list[str]]:
+        groups: dict[int, list[str]] = {}
+        for n in names:
+            if n not in self._dense:
+                raise NotFound(f"unknown dense variable {n!r} (dense: {', '.join(self._dense)})")
+            groups.setdefault(self._dense[n][0], []).append(n)
+        return groups
+
+    def pull_dense(self, names: Iterable[str] | None = None, step: int = 0) -> dict[str, np.ndarray]:
+        """Values of dense variables (default: all), from the pservers that hold them."""
+        groups = self._dense_by_pserver(self._dense if names is None else names)
+        futs = [(p, ns, self._call(p, "PullDense", pb.DensePullRequest(
+                    names=ns, trainer_id=self.trainer_id, step=step)))
+                for p, ns in groups.items()]
+        out = {}
+        for p, ns, fut in futs:
+            resp = self._result(fut, p, "PullDense")
+            for n, t in zip(ns, resp.values, strict=True):
+                out[n] = decode_tensor(t, f"PullDense answer for {n!r}").copy()
+        return out
+
+    def push_dense(self, grads: Mapping[str, np.ndarray], step: int = 0) -> int:
+        """Push gradients of dense variables to the pservers that hold them."""
+        groups = self._dense_by_pserver(grads)
+        futs = [(p, self._call(p, "PushDense", pb.DensePushRequest(
+                    names=ns, grads=[encode_tensor(grads[n]) for n in ns],
+                    trainer_id=self.trainer_id, step=step)))
+                for p, ns in groups.items()]
+        applied = [self._result(f, p, "PushDense").applied_steps for p, f in futs]
+        return min(applied, default=0)
+
+    def info(self, pserver_id: int) -> pb.InfoResponse:
+        fut = self._call(pserver_id, "Info", pb.InfoRequest())
+        return self._result(fut, pserver_id, "Info")

@@ -1,0 +1,135 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("table", "ids", "trainer_id", "step")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    trainer_id: int
+    step: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: Tensor
+    def __init__(self, rows: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("table", "ids", "grads", "trainer_id", "step")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    grads: Tensor
+    trainer_id: int
+    step: int
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("applied_steps",)
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    applied_steps: int
+    def __init__(self, applied_steps: _Optional[int] = ...) -> None: ...
+
+class DensePullRequest(_message.Message):
+    __slots__ = ("names", "trainer_id", "step")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    trainer_id: int
+    step: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class DensePullResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, values: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class DensePushRequest(_message.Message):
+    __slots__ = ("names", "grads", "trainer_id", "step")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    trainer_id: int
+    step: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class DensePushResponse(_message.Message):
+    __slots__ = ("applied_steps",)
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    applied_steps: int
+    def __init__(self, applied_steps: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TableInfo(_message.Message):
+    __slots__ = ("name", "dim", "rows", "optimizer", "applied_steps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    rows: int
+    optimizer: str
+    applied_steps: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., optimizer: _Optional[str] = ..., applied_steps: _Optional[int] = ...) -> None: ...
+
+class DenseInfo(_message.Message):
+    __slots__ = ("name", "shape", "optimizer", "applied_steps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    optimizer: str
+    applied_steps: int
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., optimizer: _Optional[str] = ..., applied_steps: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("pserver_id", "num_pservers", "mode", "num_trainers", "virtual_shards", "tables", "dense")
+    PSERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PSERVERS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAINERS_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    pserver_id: int
+    num_pservers: int
+    mode: str
+    num_trainers: int
+    virtual_shards: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
+    dense: _containers.RepeatedCompositeFieldContainer[DenseInfo]
+    def __init__(self, pserver_id: _Optional[int] = ..., num_pservers: _Optional[int] = ..., mode: _Optional[str] = ..., num_trainers: _Optional[int] = ..., virtual_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[DenseInfo, _Mapping]]] = ...) -> None: ...

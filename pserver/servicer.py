@@ -1,0 +1,105 @@
+"""The gRPC face of a `Shard`: parse bytes, call the shard, map errors to statuses.
+
+Requests arrive as raw bytes (no deserializer is registered) so that bytes
+that do not parse as the request get INVALID_ARGUMENT with a message instead
+of gRPC's generic failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from pserver import psrt_pb2 as pb
+from pserver.errors import PsrtError, status_of
+from pserver.shard import Shard
+from pserver.wire import decode_ids, decode_tensor, encode_tensor
+
+SERVICE = "psrt.v1.ParameterServer"
+log = logging.getLogger(__name__)
+
+
+def _remaining(context: grpc.ServicerContext, default: float) -> float:
+    """Time left before the caller's deadline, less a margin so the answer arrives in time."""
+    left = context.time_remaining()
+    return default if left is None else max(0.0, left - 0.1)
+
+
+class Servicer:
+    def __init__(self, shard: Shard, role: str) -> None:
+        self.shard = shard
+        self.role = role
+        self.default_wait = shard.config.rpc.deadline_s
+
+    def Pull(self, req: pb.PullRequest, ctx: grpc.ServicerContext) -> pb.PullResponse:
+        ids = decode_ids(req.ids, "Pull")
+        rows = self.shard.pull(req.table, ids, req.trainer_id, req.step,
+                               _remaining(ctx, self.default_wait))
+        return pb.PullResponse(rows=encode_tensor(rows))
+
+    def Push(self, req: pb.PushRequest, ctx: grpc.ServicerContext) -> pb.PushResponse:
+        ids = decode_ids(req.ids, "Push")
+        grads = decode_tensor(req.grads, "Push: grads")
+        applied = self.shard.push(req.table, ids, grads, req.trainer_id, req.step,
+                                  _remaining(ctx, self.default_wait))
+        return pb.PushResponse(applied_steps=applied)
+
+    def PullDense(self, req: pb.DensePullRequest, ctx: grpc.ServicerContext) -> Any:
+        values = self.shard.pull_dense(list(req.names), req.trainer_id, req.step,
+                                       _remaining(ctx, self.default_wait))
+        return pb.DensePullResponse(values=[encode_tensor(v) for v in values])
+
+    def PushDense(self, req: pb.DensePushRequest, ctx: grpc.ServicerContext) -> Any:
+        grads = [decode_tensor(t, f"PushDense: grads[{i}]") for i, t in enumerate(req.grads)]
+        applied = self.shard.push_dense(list(req.names), grads, req.trainer_id, req.step,
+                                        _remaining(ctx, self.default_wait))
+        return pb.DensePushResponse(applied_steps=applied)
+
+    def Info(self, req: pb.InfoRequest, ctx: grpc.ServicerContext) -> pb.InfoResponse:
+        s, cfg = self.shard, self.shard.config
+        return pb.InfoResponse(
+            pserver_id=s.pserver_id, num_pservers=cfg.num_pservers, mode=cfg.mode,
+            num_trainers=cfg.num_trainers, virtual_shards=cfg.virtual_shards,
+            tables=[pb.TableInfo(name=n, dim=t.dim, rows=len(t),
+                                 optimizer=t.spec.optimizer.kind,
+                                 applied_steps=s.gates[n].applied)
+                    for n, t in s.tables.items()],
+            dense=[pb.DenseInfo(name=n, shape=v.shape, optimizer=v.spec.optimizer.kind,
+                                applied_steps=s.gates[n].applied)
+                   for n, v in s.dense.items()],
+        )
+
+    def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
+        method = getattr(self, name)
+
+        def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
+            try:
+                req = request_type.FromString(raw)
+            except DecodeError as e:
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{name}: request bytes do not parse as {request_type.__name__}: {e}")
+            try:
+                return method(req, ctx).SerializeToString()
+            except PsrtError as e:
+                log.debug("%s %s rejected: %s", self.role, name, e)
+                ctx.abort(status_of(e), str(e))
+            except Exception as e:  # a bug: never leak it as UNKNOWN
+                log.exception("%s %s failed", self.role, name)
+                ctx.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {e!r}")
+
+        return handler
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        methods = {
+            "Pull": pb.PullRequest, "Push": pb.PushRequest, "PullDense": pb.DensePullRequest,
+            "PushDense": pb.DensePushRequest, "Info": pb.InfoRequest,
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(self._wrap(name, req_type))
+            for name, req_type in methods.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -1,0 +1,204 @@
+"""One pserver's state and the rules of every request, with no gRPC in it.
+
+`Shard` holds pserver i's shard of every sparse table and the dense variables
+placed on it, checks each request (table, dims, owner, finiteness, trainer,
+step), and applies pushes: on arrival in async mode; in sync mode once all T
+trainers pushed step s for that table or variable, summing their gradients in
+trainer-id order. A rejected request changes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pserver import sharding
+from pserver.config import JobConfig
+from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from pserver.table import DenseVariable, SparseTable
+from pserver.wire import check_finite
+
+
+class StepGate:
+    """Sync-mode bookkeeping of one table or variable: steps applied and pushes waiting."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.applied = 0
+        self.pending: dict[int, Any] = {}
+        self.cond = threading.Condition()
+
+    def wait_for(self, step: int, timeout: float, where: str, num_trainers: int) -> None:
+        """Block until every step before `step` is applied."""
+        with self.cond:
+            if self.cond.wait_for(lambda: self.applied >= step, timeout=max(0.0, timeout)):
+                return
+            missing = [j for j in range(num_trainers) if j not in self.pending]
+            raise DeadlineExceeded(
+                f"{where}: waited {timeout:.1f}s for step {step - 1} of {self.name!r} to be "
+                f"applied; trainers {missing} have not pushed it"
+            )
+
+
+class Shard:
+    """Pserver `pserver_id`'s tables and dense variables, and the request rules."""
+
+    def __init__(self, config: JobConfig, pserver_id: int) -> None:
+        self.config = config
+        self.pserver_id = pserver_id
+        self.sync = config.mode == "sync"
+        self.tables = {t.name: SparseTable(t) for t in config.tables}
+        self.dense = {
+            d.name: DenseVariable(d)
+            for d in config.dense
+            if config.dense_owner(d.name) == pserver_id
+        }
+        self.gates = {name: StepGate(name) for name in [*self.tables, *self.dense]}
+
+    # ---- checks -------------------------------------------------------------
+
+    def table(self, name: str, where: str) -> SparseTable:
+        table = self.tables.get(name)
+        if table is None:
+            known = ", ".join(sorted(self.tables)) or "none"
+            raise NotFound(f"{where}: unknown table {name!r} (tables: {known})")
+        return table
+
+    def variable(self, name: str, where: str) -> DenseVariable:
+        var = self.dense.get(name)
+        if var is None:
+            if any(d.name == name for d in self.config.dense):
+                owner = self.config.dense_owner(name)
+                raise NotFound(f"{where}: dense variable {name!r} lives on pserver {owner}, "
+                               f"not on pserver {self.pserver_id}")
+            raise NotFound(f"{where}: unknown dense variable {name!r}")
+        return var
+
+    def check_trainer(self, trainer_id: int, where: str) -> None:
+        t = self.config.num_trainers
+        if not 0 <= trainer_id < t:
+            raise InvalidArgument(f"{where}: trainer_id {trainer_id} is out of range 0..{t - 1}")
+
+    def check_owner(self, ids: np.ndarray, where: str) -> None:
+        cfg = self.config
+        if cfg.num_pservers == 1 or not len(ids):
+            return
+        owners = sharding.owner(ids, cfg.num_pservers, cfg.virtual_shards)
+        wrong = np.flatnonzero(owners != self.pserver_id)
+        if len(wrong):
+            i = wrong[0]
+            raise InvalidArgument(
+                f"{where}: id {int(ids[i])} belongs to pserver {int(owners[i])}, not to "
+                f"pserver {self.pserver_id} ({len(wrong)} of {len(ids)} ids are not ours)"
+            )
+
+    # ---- sparse -------------------------------------------------------------
+
+    def pull(self, name: str, ids: np.ndarray, trainer_id: int = 0, step: int = 0,
+             timeout: float = 60.0) -> np.ndarray:
+        where = "Pull"
+        table = self.table(name, where)
+        self.check_owner(ids, where)
+        if self.sync and step > 0:
+            self.check_trainer(trainer_id, where)
+            self.gates[name].wait_for(step, timeout, where, self.config.num_trainers)
+        return table.pull(ids)
+
+    def push(self, name: str, ids: np.ndarray, grads: np.ndarray, trainer_id: int = 0,
+             step: int = 0, timeout: float = 60.0) -> int:
+        where = "Push"
+        table = self.table(name, where)
+        if grads.ndim != 2 or grads.shape[0] != len(ids):
+            raise InvalidArgument(f"{where}: {len(ids)} ids need gradients of shape "
+                                  f"[{len(ids)}, {table.dim}], got {list(grads.shape)}")
+        if grads.shape[1] != table.dim:
+            raise InvalidArgument(f"{where}: table {name!r} has dim {table.dim}, got gradients "
+                                  f"of dim {grads.shape[1]}")
+        check_finite(grads, where)
+        self.check_owner(ids, where)
+        self.check_trainer(trainer_id, where)
+        if not self.sync:
+            table.push(ids, grads)
+            return 0
+
+        def apply(parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+            table.push(np.concatenate([p[0] for p in parts]),
+                       np.concatenate([p[1] for p in parts]))
+
+        return self._sync_push(name, (ids, grads), trainer_id, step, timeout, where, apply)
+
+    # ---- dense --------------------------------------------------------------
+
+    def pull_dense(self, names: list[str], trainer_id: int = 0, step: int = 0,
+                   timeout: float = 60.0) -> list[np.ndarray]:
+        where = "PullDense"
+        variables = [self.variable(n, where) for n in names]
+        if self.sync and step > 0:
+            self.check_trainer(trainer_id, where)
+            deadline = time.monotonic() + timeout
+            for n in names:
+                self.gates[n].wait_for(step, deadline - time.monotonic(), where,
+                                       self.config.num_trainers)
+        return [v.pull() for v in variables]
+
+    def push_dense(self, names: list[str], grads: list[np.ndarray], trainer_id: int = 0,
+                   step: int = 0, timeout: float = 60.0) -> int:
+        where = "PushDense"
+        if len(names) != len(grads):
+            raise InvalidArgument(f"{where}: {len(names)} names but {len(grads)} gradients")
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"{where}: a variable is named twice in {names}")
+        variables = [self.variable(n, where) for n in names]
+        for n, v, g in zip(names, variables, grads, strict=True):
+            if tuple(g.shape) != v.shape:
+                raise InvalidArgument(f"{where}: variable {n!r} has shape {list(v.shape)}, got "
+                                      f"gradients of shape {list(g.shape)}")
+            check_finite(g, f"{where}: variable {n!r}")
+        self.check_trainer(trainer_id, where)
+        if not self.sync:
+            for v, g in zip(variables, grads, strict=True):
+                v.push(g)
+            return 0
+        for n in names:
+            self._check_step(self.gates[n], trainer_id, step, where)
+        applied = 0
+        for n, v, g in zip(names, variables, grads, strict=True):
+            applied = self._sync_push(n, g, trainer_id, step, timeout, where,
+                                      lambda parts, v=v: v.push(_sum_in_order(parts)))
+        return applied
+
+    # ---- sync ---------------------------------------------------------------
+
+    def _check_step(self, gate: StepGate, trainer_id: int, step: int, where: str) -> None:
+        if step < gate.applied:
+            raise FailedPrecondition(f"{where}: step {step} of {gate.name!r} is already applied "
+                                     f"(next step is {gate.applied})")
+        if step == gate.applied and trainer_id in gate.pending:
+            raise FailedPrecondition(f"{where}: trainer {trainer_id} already pushed step {step} "
+                                     f"of {gate.name!r}")
+
+    def _sync_push(self, name: str, payload: Any, trainer_id: int, step: int, timeout: float,
+                   where: str, apply: Callable[[list[Any]], None]) -> int:
+        gate = self.gates[name]
+        self._check_step(gate, trainer_id, step, where)
+        gate.wait_for(step, timeout, where, self.config.num_trainers)
+        with gate.cond:
+            self._check_step(gate, trainer_id, step, where)
+            gate.pending[trainer_id] = payload
+            if len(gate.pending) == self.config.num_trainers:
+                apply([gate.pending[j] for j in range(self.config.num_trainers)])
+                gate.pending.clear()
+                gate.applied += 1
+                gate.cond.notify_all()
+            return gate.applied
+
+
+def _sum_in_order(parts: list[np.ndarray]) -> np.ndarray:
+    total = parts[0].copy()
+    for p in parts[1:]:
+        total += p
+    return total

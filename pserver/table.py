@@ -1,0 +1,148 @@
+"""A sparse table shard and a dense variable: numpy only, no gRPC.
+
+A `SparseTable` keeps its rows in contiguous arrays that grow by doubling:
+`ids` (uint64), `values` (rows x dim float32) and the optimizer's per-row
+state, all indexed by the row number an `IdIndex` hands out. A row is created
+on first pull (or push) with its deterministic initial value.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from pserver import initializers, optimizers
+from pserver.config import DenseSpec, TableSpec
+from pserver.idindex import IdIndex
+
+
+def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique ids, their summed gradients); sums run in the order ids appear."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    if len(uniq) == len(ids):
+        out = np.empty_like(grads)
+        out[inverse] = grads
+        return uniq, out
+    out = np.zeros((len(uniq),) + grads.shape[1:], dtype=grads.dtype)
+    np.add.at(out, inverse, grads)
+    return uniq, out
+
+
+class SparseTable:
+    """One pserver's shard of a sparse table. Thread-safe."""
+
+    def __init__(self, spec: TableSpec, capacity: int = 1024) -> None:
+        self.spec = spec
+        self.dim = spec.dim
+        self.lock = threading.Lock()
+        self._index = IdIndex(capacity * 2)
+        self._layout = optimizers.state_layout(spec.optimizer, (spec.dim,))
+        self._size = 0
+        self._alloc(max(16, capacity))
+
+    def _alloc(self, capacity: int) -> None:
+        old = getattr(self, "_arrays", None)
+        arrays = {
+            "ids": np.empty(capacity, dtype=np.uint64),
+            "values": np.empty((capacity, self.dim), dtype=np.float32),
+        }
+        for name, (shape, dtype, _) in self._layout.items():
+            arrays[name] = np.empty((capacity,) + shape, dtype=dtype)
+        if old is not None:
+            for name, arr in arrays.items():
+                arr[: self._size] = old[name][: self._size]
+        self._arrays = arrays
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        return len(self._arrays["ids"])
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of live rows: ids, values and optimizer state."""
+        return sum(a[: self._size].nbytes for a in self._arrays.values())
+
+    def _rows_for(self, ids: np.ndarray) -> np.ndarray:
+        """Row numbers of `ids`, creating absent rows with their initial values."""
+        rows, new_ids = self._index.get_or_insert(ids)
+        if len(new_ids):
+            start, end = self._size, self._size + len(new_ids)
+            if end > self.capacity:
+                cap = self.capacity
+                while cap < end:
+                    cap *= 2
+                self._alloc(cap)
+            a = self._arrays
+            a["ids"][start:end] = new_ids
+            s = self.spec
+            a["values"][start:end] = initializers.sparse_rows(
+                s.initializer, s.init_scale, s.seed, new_ids, self.dim
+            )
+            for name, (_, _, init) in self._layout.items():
+                a[name][start:end] = init
+            self._size = end
+        return rows
+
+    def pull(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (float32, (len(ids), dim)) in request order; creates absent rows."""
+        with self.lock:
+            rows = self._rows_for(ids)
+            return np.take(self._arrays["values"], rows, axis=0)
+
+    def push(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        """Apply gradients; duplicate ids are summed first, in the order they appear."""
+        uniq, summed = sum_duplicates(ids, grads)
+        with self.lock:
+            rows = self._rows_for(uniq)
+            a = self._arrays
+            w = a["values"][rows]
+            state = {name: a[name][rows] for name in self._layout}
+            optimizers.apply(self.spec.optimizer, w, summed, state)
+            a["values"][rows] = w
+            for name, block in state.items():
+                a[name][rows] = block
+
+    def export(self) -> dict[str, np.ndarray]:
+        """Copies of the live rows: ids, values and each optimizer state array."""
+        with self.lock:
+            return {name: arr[: self._size].copy() for name, arr in self._arrays.items()}
+
+    def load(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the contents with exported arrays (same names as `export`)."""
+        ids = np.asarray(arrays["ids"], dtype=np.uint64)
+        with self.lock:
+            self._index = IdIndex(2 * len(ids))
+            self._size = 0
+            self._alloc(max(16, len(ids)))
+            self._index.insert_new(ids)
+            for name, arr in self._arrays.items():
+                arr[: len(ids)] = arrays[name]
+            self._size = len(ids)
+
+
+class DenseVariable:
+    """A dense variable with its optimizer state. Thread-safe."""
+
+    def __init__(self, spec: DenseSpec) -> None:
+        self.spec = spec
+        self.shape = tuple(spec.shape)
+        self.lock = threading.Lock()
+        self.value = initializers.dense_value(
+            spec.initializer, spec.init_scale, spec.seed, self.shape
+        )
+        layout = optimizers.state_layout(spec.optimizer, self.shape)
+        self.state = {
+            name: np.full(shape, init, dtype=dtype) for name, (shape, dtype, init) in layout.items()
+        }
+
+    def pull(self) -> np.ndarray:
+        with self.lock:
+            return self.value.copy()
+
+    def push(self, grad: np.ndarray) -> None:
+        with self.lock:
+            optimizers.apply(self.spec.optimizer, self.value, grad, self.state)

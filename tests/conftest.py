@@ -1,0 +1,114 @@
+"""Shared fixtures: in-process pservers on port 0, and real pserver processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pserver import config as cfg
+from pserver.client import PSClient
+from pserver.server import Pserver, create_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job(num_pservers: int = 1, mode: str = "sync", num_trainers: int = 1,
+        **sections: Any) -> cfg.JobConfig:
+    """A job config for tests; pservers on 127.0.0.1 port 0 until `start_pservers` binds them."""
+    raw: dict[str, Any] = {
+        "job": {"mode": mode, "num_trainers": num_trainers,
+                "pservers": ["127.0.0.1:0"] * num_pservers},
+        "tables": {"emb": {"dim": 8}},
+        "dense": {"w": {"shape": [4, 3]}, "b": {"shape": [3]}},
+    }
+    for k, v in sections.items():
+        raw[k] = v
+    return cfg.build(raw)
+
+
+class Cluster:
+    """In-process pservers on free ports and the bound config clients should use."""
+
+    def __init__(self, config: cfg.JobConfig) -> None:
+        self.servers: list[Pserver] = [
+            create_server(config, i, port=0) for i in range(config.num_pservers)
+        ]
+        addrs = tuple(f"127.0.0.1:{s.port}" for s in self.servers)
+        self.config = dataclasses.replace(config, pservers=addrs)
+        self.clients: list[PSClient] = []
+
+    def client(self, trainer_id: int = 0) -> PSClient:
+        c = PSClient(self.config, trainer_id)
+        c.wait_ready(10)
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        for s in self.servers:
+            s.stop(0)
+
+
+@pytest.fixture
+def cluster_factory() -> Iterator[Any]:
+    made: list[Cluster] = []
+
+    def make(config: cfg.JobConfig) -> Cluster:
+        c = Cluster(config)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def wait_file(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """Wait for a ready file a child process writes; fail early if the child died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process exited with {proc.returncode} before ready: {out}")
+        time.sleep(0.02)
+    raise AssertionError(f"{path} not written within {timeout}s")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start `python -m ...` processes; kills whatever is left at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, **kw: Any) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, *args], env=kw.pop("env", python_env()),
+                             cwd=kw.pop("cwd", tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+        if p.stdout:
+            p.stdout.close()

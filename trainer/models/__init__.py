@@ -1,0 +1,42 @@
+"""CTR models in plain numpy with hand-written backward passes.
+
+A model owns no parameters: it is a pure function of (batch, rows, params).
+The training loop pulls the rows of `slot_ids(batch)` from the sparse tables
+and the dense variables, calls `forward_backward`, and pushes the gradients.
+
+- `base`: the `Model` interface, `Result`, the stable logloss.
+- `lr`: `LogisticRegression`.  `deepfm`: `DeepFM`.
+- `config`: `build_model` from the [model] section and its `MODEL_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+from trainer.models.base import Batch, Model, Result, logloss, sigmoid
+from trainer.models.config import (
+    KINDS,
+    MODEL_SCHEMA,
+    ModelConfigError,
+    ModelKey,
+    build_model,
+    describe_schema,
+    parse_model_section,
+)
+from trainer.models.deepfm import DeepFM
+from trainer.models.lr import LogisticRegression
+
+__all__ = [
+    "KINDS",
+    "MODEL_SCHEMA",
+    "Batch",
+    "DeepFM",
+    "LogisticRegression",
+    "Model",
+    "ModelConfigError",
+    "ModelKey",
+    "Result",
+    "build_model",
+    "describe_schema",
+    "logloss",
+    "parse_model_section",
+    "sigmoid",
+]
