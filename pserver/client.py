@@ -14,14 +14,15 @@ from collections.abc import Iterable, Mapping
 import grpc
 import numpy as np
 
+from pserver import codec
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
+from pserver.dedup import dedup, sum_duplicates
 from pserver.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
 from pserver.server import channel_options
 from pserver.servicer import SERVICE
 from pserver.sharding import owner
-from pserver.table import sum_duplicates
-from pserver.wire import decode_tensor, encode_ids, encode_tensor
+from pserver.wire import decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
 _METHODS = {
@@ -31,6 +32,7 @@ _METHODS = {
     "PushDense": (pb.DensePushRequest, pb.DensePushResponse),
     "Info": (pb.InfoRequest, pb.InfoResponse),
 }
+_BULK = ("Pull", "Push")
 
 
 class PSClient:
@@ -46,9 +48,12 @@ class PSClient:
         self._dense = {d.name: (config.dense_owner(d.name), d.shape) for d in config.dense}
         opts = channel_options(config)
         self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        # Pull and Push go as raw bytes (see pserver.codec); the rest as protobuf messages.
         self._stubs = [
-            {name: ch.unary_unary(f"/{SERVICE}/{name}", request_serializer=req.SerializeToString,
-                                  response_deserializer=resp.FromString)
+            {name: ch.unary_unary(
+                f"/{SERVICE}/{name}",
+                request_serializer=None if name in _BULK else req.SerializeToString,
+                response_deserializer=None if name in _BULK else resp.FromString)
              for name, (req, resp) in _METHODS.items()}
             for ch in self._channels
         ]
@@ -105,24 +110,27 @@ class PSClient:
         """
         ids = np.asarray(ids, dtype=np.uint64).ravel()
         dim = self.dim(table)
-        uniq, inverse = (ids, None) if unique else np.unique(ids, return_inverse=True)
+        uniq, inverse = (ids, None) if unique else dedup(ids)
         parts = self._split(uniq)
-        futs = [(p, pos, self._call(p, "Pull", pb.PullRequest(
-                    table=table, ids=encode_ids(uniq[pos]), trainer_id=self.trainer_id,
-                    step=step)))
+        futs = [(p, pos, self._call(p, "Pull", codec.encode_pull_request(
+                    table, uniq[pos], self.trainer_id, step)))
                 for p, pos in enumerate(parts) if len(pos) or len(parts) == 1]
-        if len(futs) == 1 and len(futs[0][1]) == len(uniq):
+        if len(futs) == 1:
             p, _, fut = futs[0]
-            rows = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
-            out = rows
-        else:
-            out = np.empty((len(uniq), dim), dtype=np.float32)
-            for p, pos, fut in futs:
-                out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
-        return out if inverse is None else out[inverse]
+            out = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
+            return np.take(out, inverse, axis=0) if inverse is not None else out.copy()
+        out = np.empty((len(uniq), dim), dtype=np.float32)
+        for p, pos, fut in futs:
+            out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
+        return out if inverse is None else np.take(out, inverse, axis=0)
 
-    def _rows(self, resp: pb.PullResponse, n: int, dim: int, p: int) -> np.ndarray:
-        rows = decode_tensor(resp.rows, f"Pull answer from pserver[{p}]")
+    def _rows(self, raw: bytes, n: int, dim: int, p: int) -> np.ndarray:
+        try:
+            view = codec.decode_pull_response(raw)
+        except codec.DecodeError as e:
+            raise InvalidArgument(f"Pull: pserver[{p}] answered bytes that do not parse: {e}") \
+                from None
+        rows = view.array(raw, f"Pull answer from pserver[{p}]")
         if rows.shape != (n, dim):
             raise InvalidArgument(f"Pull: pserver[{p}] answered shape {list(rows.shape)}, "
                                   f"expected {[n, dim]}")
@@ -141,12 +149,17 @@ class PSClient:
                                   f"gradients of shape {[len(ids), dim]}, got {list(grads.shape)}")
         uniq, summed = sum_duplicates(ids, grads)
         sync = self.config.mode == "sync"
-        futs = [(p, self._call(p, "Push", pb.PushRequest(
-                    table=table, ids=encode_ids(uniq[pos]), grads=encode_tensor(summed[pos]),
-                    trainer_id=self.trainer_id, step=step)))
-                for p, pos in enumerate(self._split(uniq)) if len(pos) or sync]
-        applied = [self._result(f, p, f"Push {table!r}").applied_steps for p, f in futs]
+        parts = self._split(uniq)
+        futs = [(p, self._call(p, "Push", codec.encode_push_request(
+                    table, uniq[pos] if len(parts) > 1 else uniq,
+                    summed[pos] if len(parts) > 1 else summed, self.trainer_id, step)))
+                for p, pos in enumerate(parts) if len(pos) or sync]
+        applied = [self._applied(self._result(f, p, f"Push {table!r}")) for p, f in futs]
         return min(applied, default=0)
+
+    @staticmethod
+    def _applied(raw: bytes) -> int:
+        return int(codec.scan(raw).get(1, [0])[-1])
 
     def _dense_by_pserver(self, names: Iterable[str]) -> dict[int, list[str]]:
         groups: dict[int, list[str]] = {}
@@ -156,7 +169,8 @@ class PSClient:
             groups.setdefault(self._dense[n][0], []).append(n)
         return groups
 
-    def pull_dense(self, names: Iterable[str] | None = None, step: int = 0) -> dict[str, np.ndarray]:
+    def pull_dense(self, names: Iterable[str] | None = None,
+                   step: int = 0) -> dict[str, np.ndarray]:
         """Values of dense variables (default: all), from the pservers that hold them."""
         groups = self._dense_by_pserver(self._dense if names is None else names)
         futs = [(p, ns, self._call(p, "PullDense", pb.DensePullRequest(

@@ -49,8 +49,13 @@ def apply(
         w -= lr * g
     elif spec.kind == "adagrad":
         acc = state["accum"]
-        acc += g * g
-        w -= lr * g / (np.sqrt(acc) + np.float32(spec.epsilon))
+        tmp = g * g
+        acc += tmp
+        np.sqrt(acc, out=tmp)
+        tmp += np.float32(spec.epsilon)
+        np.divide(g, tmp, out=tmp)
+        tmp *= lr
+        w -= tmp
     elif spec.kind == "adam":
         b1, b2 = np.float32(spec.beta1), np.float32(spec.beta2)
         m, v, t = state["m"], state["v"], state["t"]

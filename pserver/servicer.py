@@ -14,10 +14,11 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from pserver import codec
 from pserver import psrt_pb2 as pb
-from pserver.errors import PsrtError, status_of
+from pserver.errors import PsrtError, ResourceExhausted, status_of
 from pserver.shard import Shard
-from pserver.wire import decode_ids, decode_tensor, encode_tensor
+from pserver.wire import ROW_DTYPE, decode_tensor, encode_tensor
 
 SERVICE = "psrt.v1.ParameterServer"
 log = logging.getLogger(__name__)
@@ -35,18 +36,32 @@ class Servicer:
         self.role = role
         self.default_wait = shard.config.rpc.deadline_s
 
-    def Pull(self, req: pb.PullRequest, ctx: grpc.ServicerContext) -> pb.PullResponse:
-        ids = decode_ids(req.ids, "Pull")
-        rows = self.shard.pull(req.table, ids, req.trainer_id, req.step,
-                               _remaining(ctx, self.default_wait))
-        return pb.PullResponse(rows=encode_tensor(rows))
+    # Pull and Push carry the bulk of the bytes: `codec` reads and writes them without copies.
 
-    def Push(self, req: pb.PushRequest, ctx: grpc.ServicerContext) -> pb.PushResponse:
-        ids = decode_ids(req.ids, "Push")
-        grads = decode_tensor(req.grads, "Push: grads")
-        applied = self.shard.push(req.table, ids, grads, req.trainer_id, req.step,
+    def Pull(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
+        req = codec.decode_pull_request(raw)
+        self._check_answer_size(req.table, len(req.ids))
+        rows = self.shard.pull(req.table, req.ids, req.trainer_id, req.step,
+                               _remaining(ctx, self.default_wait))
+        return codec.encode_pull_response(rows)
+
+    def _check_answer_size(self, table: str, n: int) -> None:
+        """Refuse a pull whose answer would be over the size limit before it creates rows."""
+        t = self.shard.tables.get(table)
+        limit = self.shard.config.rpc.max_message_bytes
+        need = n * t.dim * ROW_DTYPE.itemsize + 64 if t is not None else 0  # 64: framing
+        if need > limit:
+            raise ResourceExhausted(
+                f"Pull: the answer for {n} ids of table {table!r} (dim {t.dim}) needs about "
+                f"{need} bytes, over rpc.max_message_bytes {limit}; pull fewer ids per call"
+            )
+
+    def Push(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
+        req = codec.decode_push_request(raw)
+        grads = req.grads.array(raw, "Push: grads")
+        applied = self.shard.push(req.table, req.ids, grads, req.trainer_id, req.step,
                                   _remaining(ctx, self.default_wait))
-        return pb.PushResponse(applied_steps=applied)
+        return codec.encode_push_response(applied)
 
     def PullDense(self, req: pb.DensePullRequest, ctx: grpc.ServicerContext) -> Any:
         values = self.shard.pull_dense(list(req.names), req.trainer_id, req.step,
@@ -75,15 +90,16 @@ class Servicer:
 
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)
+        bulk = name in ("Pull", "Push")
 
         def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
             try:
-                req = request_type.FromString(raw)
-            except DecodeError as e:
+                if bulk:
+                    return method(raw, ctx)
+                return method(request_type.FromString(raw), ctx).SerializeToString()
+            except (DecodeError, codec.DecodeError) as e:
                 ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{name}: request bytes do not parse as {request_type.__name__}: {e}")
-            try:
-                return method(req, ctx).SerializeToString()
             except PsrtError as e:
                 log.debug("%s %s rejected: %s", self.role, name, e)
                 ctx.abort(status_of(e), str(e))

@@ -14,19 +14,10 @@ import numpy as np
 
 from pserver import initializers, optimizers
 from pserver.config import DenseSpec, TableSpec
+from pserver.dedup import sum_duplicates
 from pserver.idindex import IdIndex
 
-
-def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique ids, their summed gradients); sums run in the order ids appear."""
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    if len(uniq) == len(ids):
-        out = np.empty_like(grads)
-        out[inverse] = grads
-        return uniq, out
-    out = np.zeros((len(uniq),) + grads.shape[1:], dtype=grads.dtype)
-    np.add.at(out, inverse, grads)
-    return uniq, out
+_BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 
 
 class SparseTable:
@@ -95,16 +86,19 @@ class SparseTable:
 
     def push(self, ids: np.ndarray, grads: np.ndarray) -> None:
         """Apply gradients; duplicate ids are summed first, in the order they appear."""
-        uniq, summed = sum_duplicates(ids, grads)
         with self.lock:
-            rows = self._rows_for(uniq)
+            rows, grads = sum_duplicates(self._rows_for(ids), grads)
             a = self._arrays
-            w = a["values"][rows]
-            state = {name: a[name][rows] for name in self._layout}
-            optimizers.apply(self.spec.optimizer, w, summed, state)
-            a["values"][rows] = w
-            for name, block in state.items():
-                a[name][rows] = block
+            values = a["values"]
+            step = max(1, _BLOCK_BYTES // (4 * self.dim))
+            for lo in range(0, len(rows), step):
+                r = rows[lo:lo + step]
+                w = np.take(values, r, axis=0)
+                state = {name: np.take(a[name], r, axis=0) for name in self._layout}
+                optimizers.apply(self.spec.optimizer, w, grads[lo:lo + step], state)
+                values[r] = w
+                for name, block in state.items():
+                    a[name][r] = block
 
     def export(self) -> dict[str, np.ndarray]:
         """Copies of the live rows: ids, values and each optimizer state array."""

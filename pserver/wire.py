@@ -6,6 +6,8 @@ float32 with an explicit shape.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pserver import psrt_pb2 as pb
@@ -36,13 +38,16 @@ def decode_tensor(t: pb.Tensor, where: str) -> np.ndarray:
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: np.prod wraps around on huge shapes
     if len(t.data) != count * ROW_DTYPE.itemsize:
         raise InvalidArgument(
             f"{where}: shape {list(shape)} needs {count * ROW_DTYPE.itemsize} bytes of "
             f"little-endian float32, got {len(t.data)} bytes"
         )
-    return np.frombuffer(t.data, dtype=ROW_DTYPE).reshape(shape)
+    try:
+        return np.frombuffer(t.data, dtype=ROW_DTYPE).reshape(shape)
+    except ValueError as e:  # e.g. an empty tensor with a dimension numpy cannot index
+        raise InvalidArgument(f"{where}: shape {list(shape)} is not a usable shape: {e}") from None
 
 
 def check_finite(arr: np.ndarray, where: str) -> None:
