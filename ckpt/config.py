@@ -1,0 +1,53 @@
+"""`CheckpointConfig`, as in the user guide, and the save trigger."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint.
+
+    A save happens after a step where `epoch_id % epoch_interval == 0` and
+    `step_id % step_interval == 0` (the guide's rule: with epoch_interval=2
+    nothing is saved in odd epochs). `step_id` counts steps within the epoch
+    from 0. `checkpoint_dir` may be a local path or a URL.
+    """
+
+    checkpoint_dir: str = "checkpoints"
+    max_num_checkpoints: int = 3
+    epoch_interval: int = 1
+    step_interval: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
+            raise ValueError(f"checkpoint_dir: expected a non-empty path or URL, "
+                             f"got {self.checkpoint_dir!r}")
+        for name in ("max_num_checkpoints", "epoch_interval", "step_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+    def should_save(self, epoch_id: int, step_id: int) -> bool:
+        return epoch_id % self.epoch_interval == 0 and step_id % self.step_interval == 0
+
+
+KEYS = {
+    "checkpoint_dir": (str, "checkpoints", "directory or URL of the checkpoints (relative paths "
+                       "are relative to the working directory)"),
+    "max_num_checkpoints": (int, 3, "complete checkpoints kept; older ones are removed"),
+    "epoch_interval": (int, 1, "save only in epochs where epoch_id % epoch_interval == 0"),
+    "step_interval": (int, 10, "save after steps where step_id % step_interval == 0"),
+}
+
+
+def from_section(section: dict) -> CheckpointConfig:
+    """A CheckpointConfig from the job file's [checkpoint] section; ValueError names the key."""
+    for key in section:
+        if key not in KEYS:
+            raise ValueError(f"checkpoint.{key}: unknown key (known: {', '.join(KEYS)})")
+    try:
+        return CheckpointConfig(**section)
+    except ValueError as e:
+        raise ValueError(f"checkpoint.{e}") from None

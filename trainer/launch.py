@@ -1,0 +1,163 @@
+"""The local launcher: P pservers and T trainers of one job on loopback, one command.
+
+    python -m trainer launch [--config job.toml] [--workdir DIR] [--set K=V ...]
+
+Without --config it runs the built-in demo job (generated data, see
+`trainer.demo`). Every child's output is shown line by line, prefixed with its
+role and id. When every trainer has finished, the pservers are stopped and the
+launcher exits 0. If any process fails, or on Ctrl-C, everything is stopped
+(SIGTERM, then SIGKILL) and the launcher exits non-zero naming the role. Each
+child dies with the launcher (PR_SET_PDEATHSIG), so none is orphaned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pserver import config as pscfg
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: best effort
+        pass
+
+
+@dataclass
+class Child:
+    role: str
+    proc: subprocess.Popen
+    pump: threading.Thread
+
+
+def _pump(role: str, stream, out) -> None:  # noqa: ANN001
+    for line in stream:
+        out.write(f"{role:>11} | {line}")
+        out.flush()
+
+
+def _spawn(role: str, args: list[str], env: dict[str, str]) -> Child:
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+                            preexec_fn=_die_with_parent, start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(role, proc.stdout, sys.stdout), daemon=True)
+    pump.start()
+    return Child(role, proc, pump)
+
+
+def _stop(children: list[Child], grace: float) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for c in children:
+        try:
+            c.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+    for c in children:
+        c.pump.join(2)
+
+
+def _wait_ready(children: list[Child], files: list[Path], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    addrs: list[str | None] = [None] * len(files)
+    while time.monotonic() < deadline:
+        for i, f in enumerate(files):
+            if addrs[i] is None and f.exists():
+                addrs[i] = f.read_text().strip()
+        if all(addrs):
+            return [a for a in addrs if a]
+        for c in children:
+            if c.proc.poll() is not None:
+                raise RuntimeError(f"{c.role} exited with code {c.proc.returncode} while starting")
+        time.sleep(0.05)
+    raise RuntimeError(f"pservers not ready within {timeout:.0f}s")
+
+
+def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
+    """Run the job; returns the exit code (0 when every trainer finished)."""
+    job = pscfg.load(config_path, overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    base = ["--config", str(config_path), *[x for o in overrides for x in ("--set", o)]]
+    children: list[Child] = []
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
+    try:
+        ready = [workdir / f"pserver{i}.ready" for i in range(job.num_pservers)]
+        for f in ready:
+            f.unlink(missing_ok=True)
+        for i in range(job.num_pservers):
+            children.append(_spawn(f"pserver[{i}]", ["-m", "pserver", "--id", str(i),
+                                                     "--ready-file", str(ready[i]), *base], env))
+        addrs = _wait_ready(children, ready, job.rpc.connect_timeout_s)
+        bound = "job.pservers=[" + ",".join(f'"{a}"' for a in addrs) + "]"
+        trainers = [_spawn(f"trainer[{j}]", ["-m", "trainer", "--id", str(j), *base,
+                                             "--set", bound], env)
+                    for j in range(job.num_trainers)]
+        children += trainers
+        return _supervise(children, trainers, interrupted, job.rpc.grace_s)
+    finally:
+        _stop(children, job.rpc.grace_s)
+
+
+def _supervise(children: list[Child], trainers: list[Child], interrupted: threading.Event,
+               grace: float) -> int:
+    while True:
+        if interrupted.is_set():
+            print("launch: interrupted; stopping every process", file=sys.stderr)
+            return 130
+        for c in children:
+            code = c.proc.poll()
+            if code not in (None, 0) or (code == 0 and c not in trainers):
+                print(f"launch: {c.role} exited with code {code}; stopping the job",
+                      file=sys.stderr)
+                return code or 1
+        if all(t.proc.poll() == 0 for t in trainers):
+            print("launch: every trainer finished; stopping the pservers", file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="job file (TOML); default: the built-in demo job")
+    p.add_argument("--workdir", default=None,
+                   help="where ready files (and the demo's data and job file) go "
+                   "(default: runs/demo for the demo, else next to the job file)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        if args.config is None:
+            from trainer.demo import prepare
+
+            workdir = Path(args.workdir or "runs/demo")
+            config_path = prepare(workdir)
+        else:
+            config_path = Path(args.config)
+            workdir = Path(args.workdir) if args.workdir else config_path.parent
+        pscfg.load(config_path, args.set)  # validate before starting anything
+    except pscfg.ConfigError as e:
+        print(f"launch: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return launch(config_path, args.set, workdir)
+    except RuntimeError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 1

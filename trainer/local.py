@@ -1,0 +1,72 @@
+"""In-process tables with the client's interface: stand-alone training.
+
+`LocalClient` holds every table and dense variable of the job in this process
+and runs exactly the code a pserver runs (the same table, optimizer and dedup
+functions), so a stand-alone run and a 1-pserver, 1-trainer sync run with the
+same seeds end bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from pserver.config import JobConfig
+from pserver.dedup import sum_duplicates
+from pserver.errors import InvalidArgument, NotFound
+from pserver.table import DenseVariable, SparseTable
+
+
+class LocalClient:
+    """The `PSClient` interface over in-process tables (one trainer)."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.trainer_id = 0
+        self.tables = {t.name: SparseTable(t) for t in config.tables}
+        self.dense = {d.name: DenseVariable(d) for d in config.dense}
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    def _table(self, name: str) -> SparseTable:
+        if name not in self.tables:
+            raise NotFound(f"unknown table {name!r} (tables: {', '.join(self.tables)})")
+        return self.tables[name]
+
+    def dim(self, table: str) -> int:
+        return self._table(table).dim
+
+    def pull(self, table: str, ids: np.ndarray, step: int = 0, unique: bool = False) -> np.ndarray:
+        return self._table(table).pull(np.asarray(ids, dtype=np.uint64).ravel())
+
+    def push(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0) -> int:
+        t = self._table(table)
+        ids = np.asarray(ids, dtype=np.uint64).ravel()
+        grads = np.asarray(grads, dtype=np.float32)
+        if grads.shape != (len(ids), t.dim):
+            raise InvalidArgument(f"Push: table {table!r} has dim {t.dim}; {len(ids)} ids need "
+                                  f"gradients of shape {[len(ids), t.dim]}, "
+                                  f"got {list(grads.shape)}")
+        uniq, summed = sum_duplicates(ids, grads)
+        t.push(uniq, summed)
+        return step + 1
+
+    def pull_dense(self, names: Iterable[str] | None = None,
+                   step: int = 0) -> dict[str, np.ndarray]:
+        names = list(self.dense if names is None else names)
+        for n in names:
+            if n not in self.dense:
+                raise NotFound(f"unknown dense variable {n!r}")
+        return {n: self.dense[n].pull() for n in names}
+
+    def push_dense(self, grads: Mapping[str, np.ndarray], step: int = 0) -> int:
+        for n, g in grads.items():
+            if n not in self.dense:
+                raise NotFound(f"unknown dense variable {n!r}")
+            self.dense[n].push(np.asarray(g, dtype=np.float32).copy())
+        return step + 1

@@ -1,0 +1,214 @@
+"""The training loop and the guide's Python API: `Trainer(...).train(num_epochs, handler)`.
+
+A step pulls the rows of the batch's ids and the dense variables, runs the
+model's forward and backward pass, and pushes the gradients, all through a
+client: `PSClient` (distributed) or `LocalClient` (stand-alone), so the same
+code trains both ways. In sync mode the step number travels with every pull
+and push, and gradients are scaled by 1/T so that an update is the mean over
+the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ckpt import CheckpointConfig
+from pserver import config as pscfg
+from pserver.client import PSClient
+from trainer import data as tdata
+from trainer.config import TrainerSettings, model_for, settings
+from trainer.local import LocalClient
+from trainer.metrics import auc, logloss
+from trainer.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BeginEpochEvent:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class EndEpochEvent:
+    epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BeginStepEvent:
+    epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class EndStepEvent:
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+
+
+Event = BeginEpochEvent | EndEpochEvent | BeginStepEvent | EndStepEvent
+
+
+class Trainer:
+    """Trainer `trainer_id` of a job (or the only one, stand-alone).
+
+    `job` is a JobConfig or a job file path. `checkpoint_config` overrides the
+    job file's [checkpoint] section.
+    """
+
+    def __init__(self, job: pscfg.JobConfig | str | Path, trainer_id: int = 0, *,
+                 standalone: bool = False, checkpoint_config: CheckpointConfig | None = None,
+                 overrides: tuple[str, ...] = ()) -> None:
+        self.job = job if isinstance(job, pscfg.JobConfig) else pscfg.load(job, overrides)
+        if checkpoint_config is not None and not isinstance(checkpoint_config, CheckpointConfig):
+            raise TypeError(f"checkpoint_config: expected a CheckpointConfig, "
+                            f"got {type(checkpoint_config).__name__}")
+        if standalone and self.job.num_trainers != 1:
+            self.job = dataclasses.replace(self.job, num_trainers=1)
+        t = self.job.num_trainers
+        if not 0 <= trainer_id < t:
+            raise pscfg.ConfigError("--id", f"trainer id {trainer_id} is out of range 0..{t - 1} "
+                                    f"(job.num_trainers is {t})")
+        self.trainer_id = trainer_id
+        self.role = "trainer" if standalone else f"trainer[{trainer_id}]"
+        self.standalone = standalone
+        self.settings: TrainerSettings = settings(self.job)
+        self.checkpoint_config = checkpoint_config or self.settings.checkpoint
+        self.model = model_for(self.job, self.settings.model_section)
+        self.sync = self.job.mode == "sync"
+        self.global_step = 0
+        self.train_data, self.eval_data = self._load_data()
+        self.reader = tdata.TrainerReader(self.train_data, trainer_id, t,
+                                          self.settings.batch_size, self.job.seed)
+        self.client: PSClient | LocalClient | None = None
+
+    def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
+        s = self.settings
+        full = tdata.read_file(s.train_path, strict=s.strict, cache=s.cache)
+        if s.eval_path is not None:
+            return full, tdata.read_file(s.eval_path, strict=s.strict, cache=s.cache)
+        if s.holdout_fraction > 0:
+            return tdata.split_holdout(full, s.holdout_fraction, self.job.seed)
+        return full, None
+
+    def connect(self) -> PSClient | LocalClient:
+        if self.client is None:
+            if self.standalone:
+                self.client = LocalClient(self.job)
+            else:
+                self.client = PSClient(self.job, self.trainer_id)
+                log.info("%s waiting for %d pservers: %s", self.role, self.job.num_pservers,
+                         ", ".join(self.job.pservers))
+                self.client.wait_ready()
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # ---- one step -----------------------------------------------------------
+
+    def _rows(self, batch: Any, step: int) -> tuple[dict, dict]:
+        client = self.client
+        ids = self.model.slot_ids(batch)
+        rows = {t: client.pull(t, x.ravel(), step=step).reshape(x.shape + (client.dim(t),))
+                for t, x in ids.items()}
+        return ids, rows
+
+    def step(self, batch: Any) -> float:
+        """Train on one batch; returns its loss."""
+        s = self.global_step if self.sync else 0
+        ids, rows = self._rows(batch, s)
+        params = self.client.pull_dense(step=s)
+        res = self.model.forward_backward(batch, rows, params)
+        scale = np.float32(1.0 / self.job.num_trainers) if self.sync else np.float32(1.0)
+        for t, x in ids.items():
+            g = res.row_grads[t].reshape(x.size, -1)
+            self.client.push(t, x.ravel(), g * scale if scale != 1 else g, step=s)
+        self.client.push_dense({n: g * scale if scale != 1 else g
+                                for n, g in res.dense_grads.items()}, step=s)
+        self.global_step += 1
+        return res.loss
+
+    # ---- evaluation ---------------------------------------------------------
+
+    def evaluate(self, dataset: tdata.Dataset | None = None) -> dict[str, float]:
+        """logloss and AUC of the current parameters on `dataset` (default: held-out data)."""
+        data = self.eval_data if dataset is None else dataset
+        if data is None or len(data) == 0:
+            return {}
+        self.connect()
+        s = self.global_step if self.sync else 0
+        params = self.client.pull_dense(step=s)
+        probs = []
+        bs = self.settings.eval_batch_size
+        for lo in range(0, len(data), bs):
+            batch = data.take(np.arange(lo, min(lo + bs, len(data))))
+            _, rows = self._rows(batch, s)
+            probs.append(self.model.predict(batch, rows, params))
+        p = np.concatenate(probs)
+        return {"logloss": logloss(data.labels, p), "auc": auc(data.labels, p),
+                "examples": float(len(data))}
+
+    # ---- the loop -----------------------------------------------------------
+
+    def train(self, num_epochs: int | None = None,
+              event_handler: Callable[[Event], None] | None = None) -> dict[str, float]:
+        """Train `num_epochs` (default: trainer.epochs); returns the last epoch's metrics."""
+        epochs = self.settings.epochs if num_epochs is None else num_epochs
+        handler = event_handler or (lambda event: None)
+        self.connect()
+        metrics: dict[str, float] = {}
+        r = self.reader
+        progress = Progress(self.role, self.settings.progress, self.settings.log_every,
+                            r.steps_per_epoch, self.settings.batch_size)
+        log.info("%s training %d epochs of %d steps (batch %d, %s mode, %d trainers)", self.role,
+                 epochs, r.steps_per_epoch, self.settings.batch_size, self.job.mode,
+                 self.job.num_trainers)
+        for epoch in range(r.epoch, epochs):
+            if epoch != r.epoch or r.position == 0:
+                r.start_epoch(epoch)
+            handler(BeginEpochEvent(epoch))
+            progress.start_epoch(epoch, r.position)
+            started = time.perf_counter()
+            while (batch := r.next_batch()) is not None:
+                step_id = r.position - 1
+                handler(BeginStepEvent(epoch, step_id))
+                loss = self.step(batch)
+                progress.update(loss)
+                handler(EndStepEvent(epoch, step_id, self.global_step, loss))
+            progress.end_epoch()
+            metrics = {"epoch": float(epoch),
+                       "train_seconds": time.perf_counter() - started}
+            if self.trainer_id == 0:
+                metrics.update(self.evaluate())
+                if "auc" in metrics:
+                    log.info("%s epoch %d: held-out logloss %.5f, AUC %.5f (%d examples)",
+                             self.role, epoch, metrics["logloss"], metrics["auc"],
+                             metrics["examples"])
+            handler(EndEpochEvent(epoch, metrics))
+        return metrics
+
+    def parameters(self, ids_by_table: dict[str, np.ndarray] | None = None) -> dict:
+        """Dense values and the rows of every id in the data (or given ids), for comparisons."""
+        self.connect()
+        s = self.global_step if self.sync else 0
+        out = {f"dense/{n}": v for n, v in self.client.pull_dense(step=s).items()}
+        if ids_by_table is None:
+            ids_by_table = {t: np.unique(x) for t, x in self.model.slot_ids(
+                self.train_data).items()}
+        for t, ids in ids_by_table.items():
+            out[f"table/{t}"] = self.client.pull(t, ids, step=s)
+        return out
