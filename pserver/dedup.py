@@ -68,22 +68,30 @@ def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return keys[keep], inverse
 
 
-def sum_duplicates(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys in order of first appearance, their summed gradients).
+def _add_in_order(out: np.ndarray, targets: np.ndarray, rows: np.ndarray) -> None:
+    """out[targets[i]] += rows[i] for i = 0, 1, ... in that order (unbuffered, flat)."""
+    if not len(targets):
+        return
+    width = int(np.prod(out.shape[1:], dtype=np.int64))
+    flat = (targets[:, None] * width + np.arange(width)).ravel()
+    np.add.at(out.reshape(-1), flat, rows.reshape(-1))
 
-    A repeated key's gradients are added in a fixed order following their appearance
-    (first + second + ... when few keys repeat; numpy's segmented sum over a stable
-    sort when many do).
-    When the keys are distinct, the inputs come back as they are.
+
+def sum_duplicates(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys, their summed gradients).
+
+    A repeated key's gradients are added strictly left to right in the order they
+    appear (first + second + third ...), whichever way the repeats are found, so the
+    bits of a sum depend only on that key's own gradients and their order. When the
+    keys are distinct, the inputs come back as they are.
     """
-    if _many_repeats(keys):  # sort once, then one segmented sum
-        order = np.argsort(keys, kind="stable")
-        srt = keys[order]
-        first = np.empty(len(srt), dtype=bool)
-        first[0] = True
-        np.not_equal(srt[1:], srt[:-1], out=first[1:])
-        starts = np.flatnonzero(first)
-        return srt[starts], np.add.reduceat(np.take(grads, order, axis=0), starts, axis=0)
+    if _many_repeats(keys):
+        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        out = np.take(grads, first, axis=0)
+        later = np.ones(len(keys), dtype=bool)
+        later[first] = False
+        _add_in_order(out, inverse[later], grads[later])
+        return uniq, out
     rep = _repeats(keys)
     if rep is None:
         return keys, grads
@@ -94,6 +102,6 @@ def sum_duplicates(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
     new_index = np.cumsum(keep) - 1
     out = grads[keep]
     target = new_index[grouped[first][group]]  # where each grouped position's sum lands
-    order = np.argsort(later, kind="stable")  # add later occurrences in appearance order
-    np.add.at(out, target[~first][order], grads[later[order]])
+    order = np.argsort(later, kind="stable")  # later occurrences in appearance order
+    _add_in_order(out, target[~first][order], grads[later[order]])
     return keys[keep], out

@@ -126,6 +126,7 @@ class Shard:
             return 0
 
         def apply(parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+            # table.push sums an id's gradients left to right: in trainer-id order here
             table.push(np.concatenate([p[0] for p in parts]),
                        np.concatenate([p[1] for p in parts]))
 
