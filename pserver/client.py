@@ -9,7 +9,7 @@ Every call has a deadline; a failed call raises the typed error of
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 import numpy as np
@@ -108,6 +108,15 @@ class PSClient:
         `unique=True` promises the ids are distinct, skipping the dedup. In sync mode
         `step` > 0 waits until every step before it is applied.
         """
+        return self._start_pull(table, ids, step, unique)()
+
+    def pull_many(self, ids: Mapping[str, np.ndarray], step: int = 0) -> dict[str, np.ndarray]:
+        """`pull` of several tables, all calls in flight at once."""
+        pending = {t: self._start_pull(t, x, step, False) for t, x in ids.items()}
+        return {t: finish() for t, finish in pending.items()}
+
+    def _start_pull(self, table: str, ids: np.ndarray, step: int,
+                    unique: bool) -> Callable[[], np.ndarray]:
         ids = np.asarray(ids, dtype=np.uint64).ravel()
         dim = self.dim(table)
         uniq, inverse = (ids, None) if unique else dedup(ids)
@@ -115,14 +124,18 @@ class PSClient:
         futs = [(p, pos, self._call(p, "Pull", codec.encode_pull_request(
                     table, uniq[pos], self.trainer_id, step)))
                 for p, pos in enumerate(parts) if len(pos) or len(parts) == 1]
-        if len(futs) == 1:
-            p, _, fut = futs[0]
-            out = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
-            return np.take(out, inverse, axis=0) if inverse is not None else out.copy()
-        out = np.empty((len(uniq), dim), dtype=np.float32)
-        for p, pos, fut in futs:
-            out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
-        return out if inverse is None else np.take(out, inverse, axis=0)
+
+        def finish() -> np.ndarray:
+            if len(futs) == 1:
+                p, _, fut = futs[0]
+                out = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
+                return np.take(out, inverse, axis=0) if inverse is not None else out.copy()
+            out = np.empty((len(uniq), dim), dtype=np.float32)
+            for p, pos, fut in futs:
+                out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
+            return out if inverse is None else np.take(out, inverse, axis=0)
+
+        return finish
 
     def _rows(self, raw: bytes, n: int, dim: int, p: int) -> np.ndarray:
         try:
@@ -137,10 +150,22 @@ class PSClient:
         return rows
 
     def push(self, table: str, ids: np.ndarray, grads: np.ndarray, step: int = 0) -> int:
-        """Push gradients of rows; duplicate ids are summed here, in the order given.
+        """Push gradients of rows; duplicate ids are summed here, left to right.
 
         In sync mode every pserver gets a push (possibly empty) for the step.
         """
+        return self._start_push(table, ids, grads, step)()
+
+    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
+        """`push` of several tables ({table: (ids, grads)}) and dense variables, all at once."""
+        pending = [self._start_push(t, ids, g, step) for t, (ids, g) in grads.items()]
+        if dense:
+            pending.append(self._start_push_dense(dense, step))
+        return min((finish() for finish in pending), default=0)
+
+    def _start_push(self, table: str, ids: np.ndarray, grads: np.ndarray,
+                    step: int) -> Callable[[], int]:
         ids = np.asarray(ids, dtype=np.uint64).ravel()
         grads = np.asarray(grads, dtype=np.float32)
         dim = self.dim(table)
@@ -154,8 +179,8 @@ class PSClient:
                     table, uniq[pos] if len(parts) > 1 else uniq,
                     summed[pos] if len(parts) > 1 else summed, self.trainer_id, step)))
                 for p, pos in enumerate(parts) if len(pos) or sync]
-        applied = [self._applied(self._result(f, p, f"Push {table!r}")) for p, f in futs]
-        return min(applied, default=0)
+        return lambda: min((self._applied(self._result(f, p, f"Push {table!r}"))
+                            for p, f in futs), default=0)
 
     @staticmethod
     def _applied(raw: bytes) -> int:
@@ -172,26 +197,45 @@ class PSClient:
     def pull_dense(self, names: Iterable[str] | None = None,
                    step: int = 0) -> dict[str, np.ndarray]:
         """Values of dense variables (default: all), from the pservers that hold them."""
+        return self._start_pull_dense(names, step)()
+
+    def _start_pull_dense(self, names: Iterable[str] | None,
+                          step: int) -> Callable[[], dict[str, np.ndarray]]:
         groups = self._dense_by_pserver(self._dense if names is None else names)
         futs = [(p, ns, self._call(p, "PullDense", pb.DensePullRequest(
                     names=ns, trainer_id=self.trainer_id, step=step)))
                 for p, ns in groups.items()]
-        out = {}
-        for p, ns, fut in futs:
-            resp = self._result(fut, p, "PullDense")
-            for n, t in zip(ns, resp.values, strict=True):
-                out[n] = decode_tensor(t, f"PullDense answer for {n!r}").copy()
-        return out
+
+        def finish() -> dict[str, np.ndarray]:
+            out = {}
+            for p, ns, fut in futs:
+                resp = self._result(fut, p, "PullDense")
+                for n, t in zip(ns, resp.values, strict=True):
+                    out[n] = decode_tensor(t, f"PullDense answer for {n!r}").copy()
+            return out
+
+        return finish
 
     def push_dense(self, grads: Mapping[str, np.ndarray], step: int = 0) -> int:
         """Push gradients of dense variables to the pservers that hold them."""
+        return self._start_push_dense(grads, step)()
+
+    def _start_push_dense(self, grads: Mapping[str, np.ndarray],
+                          step: int) -> Callable[[], int]:
         groups = self._dense_by_pserver(grads)
         futs = [(p, self._call(p, "PushDense", pb.DensePushRequest(
                     names=ns, grads=[encode_tensor(grads[n]) for n in ns],
                     trainer_id=self.trainer_id, step=step)))
                 for p, ns in groups.items()]
-        applied = [self._result(f, p, "PushDense").applied_steps for p, f in futs]
-        return min(applied, default=0)
+        return lambda: min((self._result(f, p, "PushDense").applied_steps for p, f in futs),
+                           default=0)
+
+    def pull_all(self, ids: Mapping[str, np.ndarray],
+                 step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Rows of several tables and every dense variable, all calls in flight at once."""
+        pending = {t: self._start_pull(t, x, step, False) for t, x in ids.items()}
+        dense = self._start_pull_dense(None, step)
+        return {t: finish() for t, finish in pending.items()}, dense()
 
     def info(self, pserver_id: int) -> pb.InfoResponse:
         fut = self._call(pserver_id, "Info", pb.InfoRequest())

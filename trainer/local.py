@@ -56,6 +56,18 @@ class LocalClient:
         t.push(uniq, summed)
         return step + 1
 
+    def pull_all(self, ids: Mapping[str, np.ndarray],
+                 step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return {t: self.pull(t, x) for t, x in ids.items()}, self.pull_dense()
+
+    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
+        for t, (ids, g) in grads.items():
+            self.push(t, ids, g, step)
+        if dense:
+            self.push_dense(dense, step)
+        return step + 1
+
     def pull_dense(self, names: Iterable[str] | None = None,
                    step: int = 0) -> dict[str, np.ndarray]:
         names = list(self.dense if names is None else names)
