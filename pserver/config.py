@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpt import CheckpointConfig
+from ckpt.config import from_section as checkpoint_from_section
 from pserver import initializers, optimizers
 from pserver.initializers import name_seed
 from pserver.optimizers import OptimizerSpec
@@ -103,6 +105,8 @@ RPC_KEYS = [
         "larger ones get RESOURCE_EXHAUSTED", _positive),
     Key("server_threads", int, 32, "worker threads per pserver", _positive),
     Key("grace_s", float, 5.0, "on SIGTERM, how long in-flight calls may finish", _non_negative),
+    Key("checkpoint_timeout_s", float, 600.0, "deadline of the checkpoint calls (restore, "
+        "barrier, commit), which wait for other processes and for the disk", _positive),
 ]
 _OPT_KEYS = [
     Key("optimizer", str, None, "sgd, adagrad or adam", _one_of(*optimizers.KINDS)),
@@ -133,7 +137,7 @@ DENSE_KEYS = [
 ]
 SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}
-OTHER_SECTIONS = ("trainer", "data", "model", "checkpoint")
+OTHER_SECTIONS = ("trainer", "data", "model")
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ class RpcConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     server_threads: int = 32
     grace_s: float = 5.0
+    checkpoint_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,7 @@ class JobConfig:
     dense: tuple[DenseSpec, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "<defaults>"
+    checkpoint: CheckpointConfig | None = None  # None: the job file has no [checkpoint]
 
     @property
     def num_pservers(self) -> int:
@@ -242,8 +248,8 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     """A validated JobConfig from the parsed TOML document."""
     for section in raw:
         if section not in SCHEMAS and section not in NAMED_SCHEMAS \
-                and section not in OTHER_SECTIONS:
-            known = ", ".join([*SCHEMAS, *NAMED_SCHEMAS, *OTHER_SECTIONS])
+                and section not in OTHER_SECTIONS and section != "checkpoint":
+            known = ", ".join([*SCHEMAS, *NAMED_SCHEMAS, *OTHER_SECTIONS, "checkpoint"])
             raise ConfigError(section, f"unknown section (known: {known})")
     job = parse_section("job", JOB_KEYS, raw.get("job", {}))
     rpc = RpcConfig(**parse_section("rpc", RPC_KEYS, raw.get("rpc", {})))
@@ -267,7 +273,20 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
         raise ConfigError(f"dense.{sorted(clash)[0]}", "a table has the same name")
     sections = {k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw}
     return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc,
-                     tables=tuple(tables), dense=tuple(dense), sections=sections, source=source)
+                     tables=tuple(tables), dense=tuple(dense), sections=sections, source=source,
+                     checkpoint=_checkpoint(raw.get("checkpoint")))
+
+
+def _checkpoint(section: Any) -> CheckpointConfig | None:
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError("checkpoint", f"expected a table of keys, got {section!r}")
+    try:
+        return checkpoint_from_section(dict(section))
+    except ValueError as e:
+        key, _, problem = str(e).partition(": ")
+        raise ConfigError(key, problem) from None
 
 
 def _parse_value(text: str) -> Any:

@@ -133,3 +133,79 @@ class InfoResponse(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     dense: _containers.RepeatedCompositeFieldContainer[DenseInfo]
     def __init__(self, pserver_id: _Optional[int] = ..., num_pservers: _Optional[int] = ..., mode: _Optional[str] = ..., num_trainers: _Optional[int] = ..., virtual_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[DenseInfo, _Mapping]]] = ...) -> None: ...
+
+class SaveShardRequest(_message.Message):
+    __slots__ = ("serial",)
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    serial: int
+    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+
+class SaveShardResponse(_message.Message):
+    __slots__ = ("part",)
+    PART_FIELD_NUMBER: _ClassVar[int]
+    part: str
+    def __init__(self, part: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("role", "id", "address")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    id: int
+    address: str
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("serial",)
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    serial: int
+    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+
+class ReadyRequest(_message.Message):
+    __slots__ = ("pserver_id", "serial")
+    PSERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    pserver_id: int
+    serial: int
+    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ...) -> None: ...
+
+class ReadyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BarrierRequest(_message.Message):
+    __slots__ = ("trainer_id", "global_step", "epoch_id", "step_id", "final")
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    trainer_id: int
+    global_step: int
+    epoch_id: int
+    step_id: int
+    final: bool
+    def __init__(self, trainer_id: _Optional[int] = ..., global_step: _Optional[int] = ..., epoch_id: _Optional[int] = ..., step_id: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class BarrierResponse(_message.Message):
+    __slots__ = ("serial",)
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    serial: int
+    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("trainer_id", "serial", "part")
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    trainer_id: int
+    serial: int
+    part: str
+    def __init__(self, trainer_id: _Optional[int] = ..., serial: _Optional[int] = ..., part: _Optional[str] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("serial",)
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    serial: int
+    def __init__(self, serial: _Optional[int] = ...) -> None: ...

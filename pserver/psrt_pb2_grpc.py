@@ -59,6 +59,11 @@ class ParameterServerStub:
                 request_serializer=pserver_dot_psrt__pb2.InfoRequest.SerializeToString,
                 response_deserializer=pserver_dot_psrt__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.SaveShard = channel.unary_unary(
+                '/psrt.v1.ParameterServer/SaveShard',
+                request_serializer=pserver_dot_psrt__pb2.SaveShardRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.SaveShardResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -94,6 +99,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveShard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=pserver_dot_psrt__pb2.InfoRequest.FromString,
                     response_serializer=pserver_dot_psrt__pb2.InfoResponse.SerializeToString,
+            ),
+            'SaveShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveShard,
+                    request_deserializer=pserver_dot_psrt__pb2.SaveShardRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.SaveShardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,234 @@ class ParameterServer:
             '/psrt.v1.ParameterServer/Info',
             pserver_dot_psrt__pb2.InfoRequest.SerializeToString,
             pserver_dot_psrt__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.ParameterServer/SaveShard',
+            pserver_dot_psrt__pb2.SaveShardRequest.SerializeToString,
+            pserver_dot_psrt__pb2.SaveShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class CoordinatorStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/psrt.v1.Coordinator/Join',
+                request_serializer=pserver_dot_psrt__pb2.JoinRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.Ready = channel.unary_unary(
+                '/psrt.v1.Coordinator/Ready',
+                request_serializer=pserver_dot_psrt__pb2.ReadyRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.ReadyResponse.FromString,
+                _registered_method=True)
+        self.Barrier = channel.unary_unary(
+                '/psrt.v1.Coordinator/Barrier',
+                request_serializer=pserver_dot_psrt__pb2.BarrierRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.BarrierResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/psrt.v1.Coordinator/Commit',
+                request_serializer=pserver_dot_psrt__pb2.CommitRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.CommitResponse.FromString,
+                _registered_method=True)
+
+
+class CoordinatorServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ready(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Barrier(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CoordinatorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=pserver_dot_psrt__pb2.JoinRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.JoinResponse.SerializeToString,
+            ),
+            'Ready': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ready,
+                    request_deserializer=pserver_dot_psrt__pb2.ReadyRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.ReadyResponse.SerializeToString,
+            ),
+            'Barrier': grpc.unary_unary_rpc_method_handler(
+                    servicer.Barrier,
+                    request_deserializer=pserver_dot_psrt__pb2.BarrierRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.BarrierResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=pserver_dot_psrt__pb2.CommitRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.CommitResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'psrt.v1.Coordinator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('psrt.v1.Coordinator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Coordinator:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Join',
+            pserver_dot_psrt__pb2.JoinRequest.SerializeToString,
+            pserver_dot_psrt__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ready(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Ready',
+            pserver_dot_psrt__pb2.ReadyRequest.SerializeToString,
+            pserver_dot_psrt__pb2.ReadyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Barrier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Barrier',
+            pserver_dot_psrt__pb2.BarrierRequest.SerializeToString,
+            pserver_dot_psrt__pb2.BarrierResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Commit',
+            pserver_dot_psrt__pb2.CommitRequest.SerializeToString,
+            pserver_dot_psrt__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

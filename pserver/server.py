@@ -13,8 +13,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ckpt import reader
+from ckpt.lock import LockedError
+from ckpt.manifest import Part
+from ckpt.storage import LocalStorage
+from pserver import persist
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
+from pserver.coordinator import Coordinator
+from pserver.coordinator_rpc import SERVICE as COORDINATOR
+from pserver.coordinator_rpc import CoordinatorClient, CoordinatorServicer
+from pserver.errors import from_rpc_error
 from pserver.servicer import SERVICE, Servicer
 from pserver.shard import Shard
 
@@ -35,6 +44,8 @@ class Pserver:
     port: int
     shard: Shard
     health: health.HealthServicer
+    address: str  # where other processes reach it
+    coordinator: Coordinator | None = None
 
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
@@ -43,13 +54,13 @@ class Pserver:
 
 def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
                   bind_host: str | None = None) -> Pserver:
-    """Build and start pserver `pserver_id`; `port=0` picks a free port (see `.port`)."""
+    """Build and start pserver `pserver_id`, restored from the newest checkpoint if the job
+    has one; `port=0` picks a free port (see `.port`). Pserver 0 hosts the coordinator."""
     if not 0 <= pserver_id < config.num_pservers:
         raise ConfigError("--id", f"pserver id {pserver_id} is out of range "
                           f"0..{config.num_pservers - 1} (job.pservers has "
                           f"{config.num_pservers} addresses)")
     host, _, own_port = config.pservers[pserver_id].rpartition(":")
-    host = bind_host if bind_host is not None else host
     port = int(own_port) if port is None else port
     shard = Shard(config, pserver_id)
     role = f"pserver[{pserver_id}]"
@@ -59,24 +70,81 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         options=channel_options(config),
     )
     server.add_generic_rpc_handlers((Servicer(shard, role).generic_handler(),))
+    services = [SERVICE]
+    coordinator = None
+    if config.checkpoint is not None and pserver_id == 0:
+        coordinator = _coordinator(config, shard)
+        wait = config.rpc.checkpoint_timeout_s
+        server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, wait)
+                                         .generic_handler(),))
+        services.append(COORDINATOR)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{host}:{port}"
+    listen = f"{bind_host if bind_host is not None else host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_insecure_port(listen)
     except RuntimeError as e:
-        raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {address}: {e}") \
+        raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {listen}: {e}") \
             from None
     if bound == 0:
         raise ConfigError(f"job.pservers[{pserver_id}]",
-                          f"cannot listen on {address} (port in use or host not local)")
+                          f"cannot listen on {listen} (port in use or host not local)")
     server.start()
-    for name in ("", SERVICE):
+    ps = Pserver(server, bound, shard, health_servicer, f"{host}:{bound}", coordinator)
+    try:
+        _restore(ps)
+    except BaseException:
+        ps.stop(0)
+        raise
+    for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Pserver(server, bound, shard, health_servicer)
+    return ps
+
+
+def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
+    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+
+    def save_shard(pserver_id: int, serial: int) -> Part:
+        if pserver_id == shard.pserver_id:
+            return persist.save_shard(shard, storage, serial)
+        address = coordinator.address_of(pserver_id)
+        with grpc.insecure_channel(address, options=channel_options(config)) as ch:
+            call = ch.unary_unary(f"/{SERVICE}/SaveShard",
+                                  request_serializer=pb.SaveShardRequest.SerializeToString,
+                                  response_deserializer=pb.SaveShardResponse.FromString)
+            try:
+                resp = call(pb.SaveShardRequest(serial=serial),
+                            timeout=config.rpc.checkpoint_timeout_s)
+            except grpc.RpcError as e:
+                raise from_rpc_error(e, f"SaveShard on pserver[{pserver_id}] at {address}") \
+                    from None
+        return Part.from_json(resp.part)
+
+    try:
+        coordinator = Coordinator(config, config.checkpoint, persist.job_facts(shard), save_shard)
+    except LockedError as e:
+        raise ConfigError("checkpoint.checkpoint_dir", str(e)) from None
+    return coordinator
+
+
+def _restore(ps: Pserver) -> None:
+    """Join the coordinator, load the checkpoint it names (if any), report ready."""
+    config, shard = ps.shard.config, ps.shard
+    if config.checkpoint is None:
+        return
+    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+    coord = ps.coordinator if ps.coordinator is not None else CoordinatorClient(config)
+    try:
+        serial = coord.join_pserver(shard.pserver_id, ps.address)
+        if serial >= 0:
+            persist.load_shard(shard, storage, reader.load_manifest(storage, serial))
+        coord.ready(shard.pserver_id, serial)
+    finally:
+        if coord is not ps.coordinator:
+            coord.close()
 
 
 def run(config: JobConfig, pserver_id: int, port: int | None = None,

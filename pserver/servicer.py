@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from pserver import codec
+from ckpt.storage import LocalStorage
+from pserver import codec, persist
 from pserver import psrt_pb2 as pb
-from pserver.errors import PsrtError, ResourceExhausted, status_of
+from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, status_of
 from pserver.shard import Shard
 from pserver.wire import ROW_DTYPE, decode_tensor, encode_tensor
 
@@ -88,6 +89,13 @@ class Servicer:
                    for n, v in s.dense.items()],
         )
 
+    def SaveShard(self, req: pb.SaveShardRequest, ctx: grpc.ServicerContext) -> Any:
+        ck = self.shard.config.checkpoint
+        if ck is None:
+            raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
+        part = persist.save_shard(self.shard, LocalStorage(ck.checkpoint_dir), req.serial)
+        return pb.SaveShardResponse(part=part.to_json())
+
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)
         bulk = name in ("Pull", "Push")
@@ -113,6 +121,7 @@ class Servicer:
         methods = {
             "Pull": pb.PullRequest, "Push": pb.PushRequest, "PullDense": pb.DensePullRequest,
             "PushDense": pb.DensePushRequest, "Info": pb.InfoRequest,
+            "SaveShard": pb.SaveShardRequest,
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(self._wrap(name, req_type))

@@ -100,6 +100,13 @@ class SparseTable:
                 for name, block in state.items():
                     a[name][r] = block
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Views of the live rows (hold `lock` while using them)."""
+        return {name: arr[: self._size] for name, arr in self._arrays.items()}
+
+    def empty_arrays(self) -> dict[str, np.ndarray]:
+        return {name: arr[:0] for name, arr in self._arrays.items()}
+
     def export(self) -> dict[str, np.ndarray]:
         """Copies of the live rows: ids, values and each optimizer state array."""
         with self.lock:
@@ -140,3 +147,12 @@ class DenseVariable:
     def push(self, grad: np.ndarray) -> None:
         with self.lock:
             optimizers.apply(self.spec.optimizer, self.value, grad, self.state)
+
+    def load(self, value: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"dense variable {self.spec.name!r} has shape {list(self.shape)}, "
+                             f"the checkpoint holds {list(value.shape)}")
+        with self.lock:
+            self.value = np.array(value, dtype=np.float32)
+            for k in self.state:
+                self.state[k] = np.array(state[k], dtype=self.state[k].dtype)

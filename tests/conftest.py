@@ -39,8 +39,11 @@ class Cluster:
     """In-process pservers on free ports and the bound config clients should use."""
 
     def __init__(self, config: cfg.JobConfig) -> None:
-        self.servers: list[Pserver] = [
-            create_server(config, i, port=0) for i in range(config.num_pservers)
+        first = create_server(config, 0, port=0)  # hosts the coordinator: the others join it
+        joined = dataclasses.replace(
+            config, pservers=(f"127.0.0.1:{first.port}", *config.pservers[1:]))
+        self.servers: list[Pserver] = [first] + [
+            create_server(joined, i, port=0) for i in range(1, config.num_pservers)
         ]
         addrs = tuple(f"127.0.0.1:{s.port}" for s in self.servers)
         self.config = dataclasses.replace(config, pservers=addrs)

@@ -13,7 +13,6 @@ from typing import Any
 
 from ckpt import CheckpointConfig
 from ckpt.config import KEYS as CHECKPOINT_KEYS
-from ckpt.config import from_section as checkpoint_from_section
 from pserver.config import ConfigError, JobConfig, Key, parse_section
 from trainer.models import MODEL_SCHEMA, Model, build_model
 
@@ -78,13 +77,7 @@ def settings(job: JobConfig) -> TrainerSettings:
     for key, path in (("data.train_path", train), ("data.eval_path", eval_path)):
         if path is not None and not path.is_file():
             raise ConfigError(key, f"no such file: {path}")
-    ckpt = None
-    if "checkpoint" in sec:
-        try:
-            ckpt = checkpoint_from_section(dict(sec["checkpoint"]))
-        except ValueError as e:
-            key, _, problem = str(e).partition(": ")
-            raise ConfigError(key, problem) from None
+    ckpt = job.checkpoint
     return TrainerSettings(epochs=t["epochs"], batch_size=t["batch_size"],
                            eval_batch_size=t["eval_batch_size"], progress=t["progress"],
                            log_every=t["log_every"], train_path=train, eval_path=eval_path,

@@ -102,10 +102,16 @@ def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
         ready = [workdir / f"pserver{i}.ready" for i in range(job.num_pservers)]
         for f in ready:
             f.unlink(missing_ok=True)
-        for i in range(job.num_pservers):
+        # pserver 0 hosts the coordinator: the others need its bound address to join
+        children.append(_spawn("pserver[0]", ["-m", "pserver", "--id", "0", "--ready-file",
+                                              str(ready[0]), *base], env))
+        first = _wait_ready(children, ready[:1], job.rpc.connect_timeout_s)[0]
+        known = "job.pservers=[" + ",".join(f'"{a}"' for a in (first, *job.pservers[1:])) + "]"
+        for i in range(1, job.num_pservers):
             children.append(_spawn(f"pserver[{i}]", ["-m", "pserver", "--id", str(i),
-                                                     "--ready-file", str(ready[i]), *base], env))
-        addrs = _wait_ready(children, ready, job.rpc.connect_timeout_s)
+                                                     "--ready-file", str(ready[i]), *base,
+                                                     "--set", known], env))
+        addrs = _wait_ready(children, ready, job.rpc.checkpoint_timeout_s)
         bound = "job.pservers=[" + ",".join(f'"{a}"' for a in addrs) + "]"
         trainers = [_spawn(f"trainer[{j}]", ["-m", "trainer", "--id", str(j), *base,
                                              "--set", bound], env)

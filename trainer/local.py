@@ -8,6 +8,7 @@ same seeds end bit-identical.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from pserver.config import JobConfig
 from pserver.dedup import sum_duplicates
 from pserver.errors import InvalidArgument, NotFound
+from pserver.shard import Shard
 from pserver.table import DenseVariable, SparseTable
 
 
@@ -22,10 +24,11 @@ class LocalClient:
     """The `PSClient` interface over in-process tables (one trainer)."""
 
     def __init__(self, config: JobConfig) -> None:
-        self.config = config
+        self.config = dataclasses.replace(config, pservers=("in-process:0",), num_trainers=1)
         self.trainer_id = 0
-        self.tables = {t.name: SparseTable(t) for t in config.tables}
-        self.dense = {d.name: DenseVariable(d) for d in config.dense}
+        self.shard = Shard(self.config, 0)  # every table and dense variable, as pserver 0
+        self.tables: dict[str, SparseTable] = self.shard.tables
+        self.dense: dict[str, DenseVariable] = self.shard.dense
 
     def wait_ready(self, timeout: float | None = None) -> None:
         return None

@@ -24,6 +24,7 @@ from ckpt import CheckpointConfig
 from pserver import config as pscfg
 from pserver.client import PSClient
 from trainer import data as tdata
+from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerSettings, model_for, settings
 from trainer.local import LocalClient
 from trainer.metrics import auc, logloss
@@ -85,6 +86,11 @@ class Trainer:
         self.standalone = standalone
         self.settings: TrainerSettings = settings(self.job)
         self.checkpoint_config = checkpoint_config or self.settings.checkpoint
+        if not standalone and self.checkpoint_config != self.job.checkpoint:
+            raise pscfg.ConfigError("checkpoint", "a distributed trainer checkpoints with the job "
+                                    "file's [checkpoint] section, which the pservers read too; "
+                                    f"got {checkpoint_config}, the job file has "
+                                    f"{self.job.checkpoint}")
         self.model = model_for(self.job, self.settings.model_section)
         self.sync = self.job.mode == "sync"
         self.global_step = 0
@@ -92,6 +98,7 @@ class Trainer:
         self.reader = tdata.TrainerReader(self.train_data, trainer_id, t,
                                           self.settings.batch_size, self.job.seed)
         self.client: PSClient | LocalClient | None = None
+        self.checkpointer: Checkpointer | None = None
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
         s = self.settings
@@ -111,9 +118,15 @@ class Trainer:
                 log.info("%s waiting for %d pservers: %s", self.role, self.job.num_pservers,
                          ", ".join(self.job.pservers))
                 self.client.wait_ready()
+            if self.checkpoint_config is not None:
+                self.checkpointer = Checkpointer(self, self.checkpoint_config)
+                self.checkpointer.restore()
         return self.client
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -190,6 +203,8 @@ class Trainer:
                 loss = self.step(batch)
                 progress.update(loss)
                 handler(EndStepEvent(epoch, step_id, self.global_step, loss))
+                if self.checkpointer is not None:
+                    self.checkpointer.after_step(epoch, step_id)
             progress.end_epoch()
             metrics = {"epoch": float(epoch),
                        "train_seconds": time.perf_counter() - started}
@@ -200,6 +215,8 @@ class Trainer:
                              self.role, epoch, metrics["logloss"], metrics["auc"],
                              metrics["examples"])
             handler(EndEpochEvent(epoch, metrics))
+        if self.checkpointer is not None and r.steps_per_epoch:
+            self.checkpointer.save(r.epoch, r.position - 1, final=True)
         return metrics
 
     def parameters(self, ids_by_table: dict[str, np.ndarray] | None = None) -> dict:

@@ -1,0 +1,117 @@
+"""`python -m ckpt`: look into a checkpoint directory.
+
+    python -m ckpt ls DIR               every checkpoint: serial, epoch, step, complete, size, age
+    python -m ckpt verify DIR [SERIAL]  sizes and crc32s against the manifest (exit 1 on damage)
+    python -m ckpt show DIR SERIAL      tables, rows per shard, dense variables and shapes
+    python -m ckpt unlock DIR           break the lock of a job that is gone
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ckpt import layout, lock, reader
+from ckpt.storage import LocalStorage
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_ls(storage: LocalStorage) -> int:
+    rows = reader.entries(storage, deep=False)
+    print(f"{'serial':>6}  {'epoch':>5}  {'step':>6}  {'global':>7}  {'state':<10}  "
+          f"{'size':>10}  {'age':>6}  note")
+    now = time.time()
+    for e in rows:
+        m = e.manifest
+        t0 = (m.trainers.get("0") or {}) if m else {}
+        state = "complete" if e.problem is None else ("damaged" if e.complete else "incomplete")
+        size = f"{m.total_bytes / 1e6:.1f} MB" if m else "-"
+        age = _age(now - m.created) if m else "-"
+        note = ("final" if m and m.final else "") if e.problem is None else e.problem
+        print(f"{e.serial:>6}  {t0.get('epoch_id', '-'):>5}  {t0.get('step_id', '-'):>6}  "
+              f"{m.global_step if m else '-':>7}  {state:<10}  {size:>10}  {age:>6}  {note}")
+    if not rows:
+        print(f"(no checkpoints in {storage.root})")
+    return 0
+
+
+def cmd_verify(storage: LocalStorage, serial: int | None) -> int:
+    serials = [serial] if serial is not None else [e.serial for e in reader.entries(storage)]
+    bad = 0
+    for s in serials:
+        problems = reader.verify(storage, s, deep=True)
+        if problems:
+            bad += 1
+            print(f"{layout.checkpoint_name(s)}: DAMAGED")
+            for p in problems:
+                print(f"  {p}")
+        else:
+            m = reader.load_manifest(storage, s)
+            print(f"{layout.checkpoint_name(s)}: ok ({len(m.files)} files, "
+                  f"{m.total_bytes / 1e6:.1f} MB)")
+    return 1 if bad else 0
+
+
+def cmd_show(storage: LocalStorage, serial: int) -> int:
+    m = reader.load_manifest(storage, serial)
+    print(f"{layout.checkpoint_name(serial)} of job {m.job!r}: {m.mode} mode, "
+          f"{m.num_pservers} pservers, {m.num_trainers} trainers, {m.virtual_shards} virtual "
+          f"shards, global step {m.global_step}{', final' if m.final else ''}")
+    print("tables:")
+    for name, spec in m.tables.items():
+        rows = [m.pservers.get(str(p), {}).get("rows", {}).get(name, 0)
+                for p in range(m.num_pservers)]
+        print(f"  {name}: dim {spec['dim']}, {spec['optimizer']} (state: "
+              f"{', '.join(spec['state']) or 'none'}), rows per shard {rows}, total {sum(rows)}")
+    print("dense variables:")
+    for name, spec in m.dense.items():
+        print(f"  {name}: shape {spec['shape']}, {spec['optimizer']}, on pserver "
+              f"{spec['pserver']}")
+    print("trainers:")
+    for tid, facts in sorted(m.trainers.items(), key=lambda kv: int(kv[0])):
+        print(f"  trainer {tid}: epoch {facts.get('epoch_id')}, step {facts.get('step_id')}, "
+              f"global step {facts.get('global_step')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ckpt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("ls").add_argument("dir")
+    v = sub.add_parser("verify")
+    v.add_argument("dir")
+    v.add_argument("serial", nargs="?", type=int)
+    s = sub.add_parser("show")
+    s.add_argument("dir")
+    s.add_argument("serial", type=int)
+    sub.add_parser("unlock").add_argument("dir")
+    args = p.parse_args(argv)
+    storage = LocalStorage(args.dir)
+    if not storage.path("").is_dir():
+        print(f"ckpt: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "ls":
+            return cmd_ls(storage)
+        if args.cmd == "verify":
+            return cmd_verify(storage, args.serial)
+        if args.cmd == "show":
+            return cmd_show(storage, args.serial)
+        held = lock.break_lock(storage)
+        print(f"removed the lock of {lock.describe(held)}" if held else "there was no lock")
+        return 0
+    except ValueError as e:
+        print(f"ckpt: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

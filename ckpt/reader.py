@@ -1,0 +1,166 @@
+"""Reading checkpoints: which exist, which are complete and intact, and their parts.
+
+Reading never creates anything. A checkpoint counts only with `_SUCCESS` and
+a manifest whose files are all there with the right sizes (and, verified
+deeply, the right crc32); anything else in `checkpoint_dir` is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from ckpt import layout
+from ckpt.manifest import Manifest
+from ckpt.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    serial: int
+    complete: bool  # _SUCCESS present
+    manifest: Manifest | None
+    problem: str | None  # why it does not count, or None
+
+
+def _load_manifest(storage: LocalStorage, serial: int) -> tuple[Manifest | None, str | None]:
+    base = layout.checkpoint_name(serial)
+    if not storage.exists(f"{base}/{layout.SUCCESS}"):
+        return None, "no _SUCCESS (torn or still being written)"
+    try:
+        return Manifest.from_json(storage.read_bytes(f"{base}/{layout.MANIFEST}").decode()), None
+    except FileNotFoundError:
+        return None, "_SUCCESS without MANIFEST.json"
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"MANIFEST.json is unreadable: {e}"
+
+
+def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
+    """The manifest of a committed checkpoint; ValueError says why there is none."""
+    manifest, problem = _load_manifest(storage, serial)
+    if manifest is None:
+        raise ValueError(f"checkpoint_{serial} in {storage.root}: {problem}")
+    return manifest
+
+
+def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
+    """Problems of checkpoint `serial` (empty: intact). `deep` also checks every crc32."""
+    manifest, problem = _load_manifest(storage, serial)
+    if manifest is None:
+        return [problem or "unreadable"]
+    if manifest.serial != serial:
+        return [f"MANIFEST.json says serial {manifest.serial}"]
+    problems = []
+    base = layout.checkpoint_name(serial)
+    for rel, want in sorted(manifest.files.items()):
+        path = f"{base}/{rel}"
+        if not storage.exists(path):
+            problems.append(f"{rel}: missing")
+            continue
+        if not deep:
+            size = storage.size(path)
+            if size != want["size"]:
+                problems.append(f"{rel}: size {size}, manifest says {want['size']}")
+            continue
+        size, crc = storage.crc32(path)
+        if size != want["size"]:
+            problems.append(f"{rel}: size {size}, manifest says {want['size']}")
+        elif crc != want["crc32"]:
+            problems.append(f"{rel}: crc32 {crc:08x}, manifest says {want['crc32']:08x}")
+    return problems
+
+
+def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
+    """Every `checkpoint_<serial>` entry, oldest first; other names are ignored."""
+    out = []
+    for name in storage.listdir():
+        serial = layout.parse_serial(name)
+        if serial is None:
+            continue
+        manifest, problem = _load_manifest(storage, serial)
+        if manifest is not None:
+            problems = verify(storage, serial, deep)
+            problem = "; ".join(problems) if problems else None
+        out.append(Entry(serial, storage.exists(f"{name}/{layout.SUCCESS}"), manifest, problem))
+    return sorted(out, key=lambda e: e.serial)
+
+
+def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None:
+    """The newest checkpoint that is complete and intact; damaged ones are skipped with a
+    warning saying what is wrong."""
+    for e in reversed(entries(storage, deep=False)):
+        problem = e.problem
+        if problem is None:
+            problems = verify(storage, e.serial, deep)
+            problem = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "") \
+                if problems else None
+        if problem is None and e.manifest is not None:
+            return e.manifest
+        log.warning("skipping %s in %s: %s", layout.checkpoint_name(e.serial), storage.root,
+                    problem)
+    return None
+
+
+def max_serial(storage: LocalStorage) -> int:
+    """The largest serial of any entry, complete or not; -1 when there is none."""
+    serials = [layout.parse_serial(n) for n in storage.listdir()]
+    return max((s for s in serials if s is not None), default=-1)
+
+
+def read_trainer(storage: LocalStorage, serial: int, trainer_id: int) -> tuple[int, int, dict]:
+    """(epoch_id, step_id, reader_state) of a trainer."""
+    base = layout.checkpoint_name(serial)
+
+    def text(name: str) -> str:
+        return storage.read_bytes(f"{base}/{layout.trainer_file(trainer_id, name)}").decode()
+
+    return int(text("epoch_id")), int(text("step_id")), json.loads(text("reader_state"))
+
+
+def read_dense(storage: LocalStorage, serial: int, name: str, array: str = "value") -> np.ndarray:
+    return storage.read_array(f"{layout.checkpoint_name(serial)}/{layout.dense_file(name, array)}")
+
+
+def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: list[str],
+               vshard_lo: int, vshard_hi: int) -> dict[str, np.ndarray]:
+    """The rows of virtual shards [lo, hi) of a table, from every old pserver's files
+    ({} when there are none).
+
+    Each old shard's rows are grouped by virtual shard, so only the needed byte ranges
+    are read (memory-mapped).
+    """
+    base = layout.checkpoint_name(manifest.serial)
+    pieces: dict[str, list[np.ndarray]] = {a: [] for a in arrays}
+    for p in range(manifest.num_pservers):
+        offsets = storage.read_array(f"{base}/{layout.table_file(p, table, 'vshards')}")
+        lo = int(offsets[min(vshard_lo, len(offsets) - 1)])
+        hi = int(offsets[min(vshard_hi, len(offsets) - 1)])
+        if hi <= lo:
+            continue
+        whole = lo == 0 and hi == int(offsets[-1])
+        for a in arrays:
+            arr = storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=not whole)
+            pieces[a].append(arr if whole else np.array(arr[lo:hi]))
+    return {a: (v[0] if len(v) == 1 else np.concatenate(v)) for a, v in pieces.items() if v}
+
+
+def read_all(storage: LocalStorage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+    """Every table (rows sorted by id) and dense variable of a checkpoint, in memory:
+    {"table/NAME": {"ids", "values", state...}, "dense/NAME": {"value", state...}}."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, spec in manifest.tables.items():
+        arrays = read_table(storage, manifest, name, ["ids", "values", *spec["state"]], 0,
+                            manifest.virtual_shards)
+        if arrays:
+            order = np.argsort(arrays["ids"], kind="stable")
+            arrays = {k: np.take(v, order, axis=0) for k, v in arrays.items()}
+        out[f"table/{name}"] = arrays
+    for name, spec in manifest.dense.items():
+        out[f"dense/{name}"] = {"value": read_dense(storage, manifest.serial, name), **{
+            k: read_dense(storage, manifest.serial, name, k) for k in spec["state"]}}
+    return out

@@ -1,0 +1,202 @@
+"""The coordinator: membership, the restore point, and the checkpoint barrier.
+
+Hosted by pserver 0. At start it takes the lock on `checkpoint_dir` and picks
+the newest complete, intact checkpoint (or none). Pservers `join` (learning
+the serial to restore) and report `ready` once restored; trainers `join`
+once every pserver is ready. At a trigger step every trainer enters the
+`barrier` after its push for that step: once all T are in, every pserver has
+applied the step and nothing later, so the coordinator assigns the serial and
+asks every pserver to write its shard, while the trainers write their parts
+and `commit`. When every part is in, it writes MANIFEST.json and _SUCCESS,
+rotates, and releases the trainers. A failed part fails that checkpoint only:
+every trainer hears which process failed and why, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ckpt import CheckpointConfig, lock, reader, retention, writer
+from ckpt.manifest import Part, merge
+from ckpt.storage import LocalStorage
+from pserver.config import JobConfig
+from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+SaveShard = Callable[[int, int], Part]  # (pserver_id, serial) -> its part
+
+
+class CheckpointFailed(FailedPrecondition):
+    """A checkpoint could not be committed; the message lists each failing process."""
+
+
+class Coordinator:
+    def __init__(self, config: JobConfig, ckpt: CheckpointConfig, facts: dict,
+                 save_shard: SaveShard) -> None:
+        self.config, self.ckpt, self.facts = config, ckpt, facts
+        self.storage = LocalStorage(ckpt.checkpoint_dir)
+        self.holder = lock.acquire(self.storage, config.name)
+        manifest = reader.newest_complete(self.storage, deep=True)
+        self.restore_serial = manifest.serial if manifest is not None else -1
+        self.restore_manifest = manifest
+        self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
+        self._save_shard = save_shard
+        self._cond = threading.Condition()
+        self._ready: set[int] = set()
+        self._addresses: dict[int, str] = {}
+        self._round: dict[int, tuple] = {}  # trainer -> (global_step, epoch, step, final)
+        self._serial: int | None = None
+        self._parts: dict[tuple[str, int], Part] = {}
+        self._failures: list[str] = []
+        self._outcome: dict[int, str | None] = {}  # serial -> None (committed) or the error
+        self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
+        what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
+        log.info("coordinator: %s locked for job %r; restoring %s", ckpt.checkpoint_dir,
+                 config.name, what)
+
+    # ---- membership ---------------------------------------------------------
+
+    def join_pserver(self, pserver_id: int, address: str) -> int:
+        self._check_id("pserver", pserver_id, self.config.num_pservers)
+        with self._cond:
+            self._addresses[pserver_id] = address
+        return self.restore_serial
+
+    def address_of(self, pserver_id: int) -> str:
+        with self._cond:
+            if pserver_id not in self._addresses:
+                raise Unavailable(f"pserver {pserver_id} has not joined")
+            return self._addresses[pserver_id]
+
+    def ready(self, pserver_id: int, serial: int) -> None:
+        self._check_id("pserver", pserver_id, self.config.num_pservers)
+        if serial != self.restore_serial:
+            raise FailedPrecondition(f"Ready: pserver {pserver_id} restored checkpoint {serial}, "
+                                     f"the job restores {self.restore_serial}")
+        with self._cond:
+            self._ready.add(pserver_id)
+            self._cond.notify_all()
+
+    def join_trainer(self, trainer_id: int, timeout: float) -> int:
+        self._check_id("trainer", trainer_id, self.config.num_trainers)
+        p = self.config.num_pservers
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._ready) == p, timeout):
+                missing = sorted(set(range(p)) - self._ready)
+                raise Unavailable(f"Join: pservers {missing} have not restored "
+                                  f"checkpoint {self.restore_serial} yet")
+        return self.restore_serial
+
+    def _check_id(self, role: str, i: int, n: int) -> None:
+        if not 0 <= i < n:
+            raise InvalidArgument(f"{role} id {i} is out of range 0..{n - 1}")
+
+    # ---- the barrier --------------------------------------------------------
+
+    def barrier(self, trainer_id: int, global_step: int, epoch_id: int, step_id: int,
+                final: bool, timeout: float) -> int:
+        """Wait for every trainer at the same point; returns the serial to write into."""
+        self._check_id("trainer", trainer_id, self.config.num_trainers)
+        point = (epoch_id, step_id, final) if self.config.mode == "async" else \
+            (global_step, epoch_id, step_id, final)
+        t = self.config.num_trainers
+        with self._cond:
+            if self._serial is not None:
+                raise FailedPrecondition(f"Barrier: checkpoint {self._serial} is still being "
+                                         f"written")
+            others = {v for k, v in self._round.items() if k != trainer_id}
+            if others and others != {point}:
+                raise FailedPrecondition(f"Barrier: trainer {trainer_id} is at {point}, other "
+                                         f"trainers at {sorted(others)}")
+            self._round[trainer_id] = point
+            if len(self._round) == t:
+                self._start_save()
+            elif not self._cond.wait_for(lambda: self._serial is not None, timeout):
+                self._round.pop(trainer_id, None)
+                missing = sorted(set(range(t)) - set(self._round))
+                raise DeadlineExceeded(f"Barrier: trainers {missing} did not reach "
+                                       f"epoch {epoch_id} step {step_id} within {timeout:.0f}s")
+            return self._serial
+
+    def _start_save(self) -> None:
+        """All trainers are in: assign the serial, start every pserver's save."""
+        self.last_serial = max(self.last_serial, reader.max_serial(self.storage)) + 1
+        serial = self.last_serial
+        self._serial, self._parts, self._failures = serial, {}, []
+        self._final = any(p[-1] for p in self._round.values())
+        self.storage.makedirs(f"checkpoint_{serial}")
+        point = next(iter(self._round.values()))
+        log.info("coordinator: every trainer at %s; writing checkpoint_%d", point, serial)
+        for p in range(self.config.num_pservers):
+            self._pool.submit(self._save_one, p, serial)
+        self._cond.notify_all()
+
+    def _save_one(self, pserver_id: int, serial: int) -> None:
+        try:
+            part = self._save_shard(pserver_id, serial)
+            self._add_part(serial, part, None)
+        except Exception as e:  # noqa: BLE001 - reported to every trainer
+            log.exception("coordinator: pserver[%d] failed to save checkpoint_%d", pserver_id,
+                          serial)
+            self._add_part(serial, None, f"pserver[{pserver_id}]: {e}")
+
+    def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
+               timeout: float) -> int:
+        """A trainer's part (or its failure); waits for the commit and returns the serial."""
+        self._check_id("trainer", trainer_id, self.config.num_trainers)
+        with self._cond:
+            if serial != self._serial and serial not in self._outcome:
+                raise FailedPrecondition(f"Commit: no checkpoint {serial} is being written "
+                                         f"(current: {self._serial})")
+        self._add_part(serial, part, error and f"trainer[{trainer_id}]: {error}")
+        with self._cond:
+            if not self._cond.wait_for(lambda: serial in self._outcome, timeout):
+                raise DeadlineExceeded(f"Commit: checkpoint {serial} not committed within "
+                                       f"{timeout:.0f}s")
+            outcome = self._outcome[serial]
+        if outcome is not None:
+            raise CheckpointFailed(outcome)
+        return serial
+
+    def _add_part(self, serial: int, part: Part | None, error: str | None) -> None:
+        with self._cond:
+            if serial != self._serial:
+                return
+            if error is not None:
+                self._failures.append(error)
+            if part is not None:
+                self._parts[(part.role, part.id)] = part
+            done = len(self._parts) + len(self._failures)
+            if done < self.config.num_pservers + self.config.num_trainers:
+                return
+            parts, failures, final = list(self._parts.values()), list(self._failures), \
+                self._final
+        outcome = self._finish(serial, parts, failures, final)
+        with self._cond:
+            self._outcome[serial] = outcome
+            self._serial, self._round = None, {}
+            self._cond.notify_all()
+
+    def _finish(self, serial: int, parts: list[Part], failures: list[str],
+                final: bool) -> str | None:
+        if failures:
+            msg = f"checkpoint_{serial} failed and was not committed: " + "; ".join(failures)
+            log.error("coordinator: %s", msg)
+            return msg
+        try:
+            started = time.perf_counter()
+            manifest = merge(serial, self.facts, parts, final=final)
+            writer.commit(self.storage, manifest)
+            removed = retention.rotate(self.storage, self.ckpt.max_num_checkpoints)
+        except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
+            log.exception("coordinator: committing checkpoint_%d failed", serial)
+            return f"checkpoint_{serial} failed and was not committed: {e}"
+        log.info("coordinator: committed checkpoint_%d (step %d, %.1f MB, commit %.2fs)%s",
+                 serial, manifest.global_step, manifest.total_bytes / 1e6,
+                 time.perf_counter() - started,
+                 f"; removed {removed}" if removed else "")
+        return None

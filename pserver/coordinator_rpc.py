@@ -1,0 +1,136 @@
+"""The coordinator over gRPC: its servicer (thin) and the client pservers and trainers use.
+
+`CoordinatorClient` has the same methods as `Coordinator` (join_pserver, ready,
+join_trainer, barrier, commit), so a trainer drives an in-process coordinator
+(stand-alone) and a remote one the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from ckpt.manifest import Part
+from pserver import psrt_pb2 as pb
+from pserver.config import JobConfig
+from pserver.coordinator import CheckpointFailed, Coordinator
+from pserver.errors import FailedPrecondition, PsrtError, Unavailable, from_rpc_error, status_of
+
+SERVICE = "psrt.v1.Coordinator"
+_METHODS = {
+    "Join": (pb.JoinRequest, pb.JoinResponse),
+    "Ready": (pb.ReadyRequest, pb.ReadyResponse),
+    "Barrier": (pb.BarrierRequest, pb.BarrierResponse),
+    "Commit": (pb.CommitRequest, pb.CommitResponse),
+}
+
+
+def _remaining(ctx: grpc.ServicerContext, default: float) -> float:
+    left = ctx.time_remaining()
+    return default if left is None else max(0.0, left - 0.2)
+
+
+class CoordinatorServicer:
+    def __init__(self, coordinator: Coordinator, default_wait: float) -> None:
+        self.c = coordinator
+        self.wait = default_wait
+
+    def Join(self, req: pb.JoinRequest, ctx: grpc.ServicerContext) -> pb.JoinResponse:
+        if req.role == "pserver":
+            return pb.JoinResponse(serial=self.c.join_pserver(req.id, req.address))
+        if req.role == "trainer":
+            return pb.JoinResponse(serial=self.c.join_trainer(req.id, _remaining(ctx, self.wait)))
+        raise FailedPrecondition(f"Join: role must be 'pserver' or 'trainer', got {req.role!r}")
+
+    def Ready(self, req: pb.ReadyRequest, ctx: grpc.ServicerContext) -> pb.ReadyResponse:
+        self.c.ready(req.pserver_id, req.serial)
+        return pb.ReadyResponse()
+
+    def Barrier(self, req: pb.BarrierRequest, ctx: grpc.ServicerContext) -> pb.BarrierResponse:
+        serial = self.c.barrier(req.trainer_id, req.global_step, req.epoch_id, req.step_id,
+                                req.final, _remaining(ctx, self.wait))
+        return pb.BarrierResponse(serial=serial)
+
+    def Commit(self, req: pb.CommitRequest, ctx: grpc.ServicerContext) -> pb.CommitResponse:
+        part = Part.from_json(req.part) if req.part else None
+        error = None if part is not None else "reported no part"
+        serial = self.c.commit(req.trainer_id, req.serial, part, error, _remaining(ctx, self.wait))
+        return pb.CommitResponse(serial=serial)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def wrap(name: str, req_type: Any) -> Any:
+            method = getattr(self, name)
+
+            def handler(req: Any, ctx: grpc.ServicerContext) -> Any:
+                try:
+                    return method(req, ctx)
+                except PsrtError as e:
+                    ctx.abort(status_of(e), str(e))
+                except (ValueError, KeyError) as e:
+                    ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e}")
+
+            return grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=req_type.FromString,
+                response_serializer=lambda m: m.SerializeToString())
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {name: wrap(name, req) for name, (req, _) in _METHODS.items()})
+
+
+class CoordinatorClient:
+    """Calls the coordinator at `address` (pserver 0); every call has a deadline."""
+
+    def __init__(self, config: JobConfig, address: str | None = None) -> None:
+        self.address = address or config.pservers[0]
+        self.deadline = config.rpc.deadline_s
+        self.long_deadline = config.rpc.checkpoint_timeout_s
+        self.connect_timeout = config.rpc.connect_timeout_s
+        self._channel = grpc.insecure_channel(self.address)
+        self._stubs = {name: self._channel.unary_unary(
+            f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=resp.FromString) for name, (_, resp) in _METHODS.items()}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, req: Any, timeout: float, retry_unavailable: bool = False) -> Any:
+        deadline = time.monotonic() + (self.connect_timeout if retry_unavailable else 0)
+        delay = 0.05
+        while True:
+            try:
+                return self._stubs[name](req, timeout=timeout, wait_for_ready=retry_unavailable)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e, f"{name} on the coordinator at {self.address}")
+                if isinstance(err, Unavailable) and time.monotonic() < deadline:
+                    time.sleep(delay)
+                    delay = min(1.0, delay * 2)
+                    continue
+                raise err from None
+
+    def join_pserver(self, pserver_id: int, address: str) -> int:
+        req = pb.JoinRequest(role="pserver", id=pserver_id, address=address)
+        return self._call("Join", req, self.connect_timeout, retry_unavailable=True).serial
+
+    def ready(self, pserver_id: int, serial: int) -> None:
+        self._call("Ready", pb.ReadyRequest(pserver_id=pserver_id, serial=serial), self.deadline)
+
+    def join_trainer(self, trainer_id: int, timeout: float | None = None) -> int:
+        req = pb.JoinRequest(role="trainer", id=trainer_id)
+        return self._call("Join", req, self.long_deadline, retry_unavailable=True).serial
+
+    def barrier(self, trainer_id: int, global_step: int, epoch_id: int, step_id: int,
+                final: bool, timeout: float | None = None) -> int:
+        req = pb.BarrierRequest(trainer_id=trainer_id, global_step=global_step,
+                                epoch_id=epoch_id, step_id=step_id, final=final)
+        return self._call("Barrier", req, self.long_deadline).serial
+
+    def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
+               timeout: float | None = None) -> int:
+        req = pb.CommitRequest(trainer_id=trainer_id, serial=serial,
+                               part=part.to_json() if part is not None else "")
+        try:
+            return self._call("Commit", req, self.long_deadline).serial
+        except FailedPrecondition as e:
+            raise CheckpointFailed(str(e)) from None

@@ -1,0 +1,209 @@
+"""Checkpoints end to end: layout, trigger, restore after SIGKILL, damage, rotation, lock."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ckpt import layout, reader
+from ckpt.storage import LocalStorage
+from tests.conftest import python_env
+from trainer.datagen import generate
+from trainer.demo import demo_job, dump_toml
+
+pytestmark = pytest.mark.e2e
+MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden": [8],
+         "use_fm": True, "use_wide": True, "use_numeric": True}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ckdata")
+    generate(d / "train.txt", 3000, seed=5, holdout_fraction=0.1,
+             holdout_path=d / "train.holdout.txt")
+    return d
+
+
+def write_job(data_dir: Path, workdir: Path, ckdir: Path, num_pservers: int = 2,
+              num_trainers: int = 2, epochs: int = 2, **checkpoint: Any) -> Path:
+    doc = demo_job(str(data_dir / "train.txt"), str(data_dir / "train.holdout.txt"),
+                   num_pservers, num_trainers, epochs, MODEL)
+    doc["trainer"].update(batch_size=128, progress="log", log_every=1)
+    doc["checkpoint"] = {"checkpoint_dir": str(ckdir), "max_num_checkpoints": 3,
+                         "epoch_interval": 1, "step_interval": 4, **checkpoint}
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "job.toml"
+    path.write_text(dump_toml(doc))
+    return path
+
+
+def launch(job: Path, timeout: float = 300, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", "launch", "--config", str(job)],
+                            cwd=job.parent, env=env or python_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_to_end(job: Path, env: dict | None = None) -> str:
+    p = launch(job, env=env)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return out
+
+
+def final_state(ckdir: Path) -> dict[str, dict[str, np.ndarray]]:
+    storage = LocalStorage(ckdir)
+    manifest = reader.newest_complete(storage)
+    assert manifest is not None and manifest.final
+    return reader.read_all(storage, manifest)
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys(), k
+        for name in a[k]:
+            assert a[k][name].tobytes() == b[k][name].tobytes(), f"{k}/{name} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("reference")
+    run_to_end(write_job(data_dir, work, work / "ckpt"))
+    return final_state(work / "ckpt")
+
+
+def test_layout_and_counters_match_the_guide(data_dir: Path, tmp_path: Path,
+                                             reference: dict) -> None:
+    ckdir = tmp_path / "ckpt"
+    run_to_end(write_job(data_dir, tmp_path, ckdir))
+    storage = LocalStorage(ckdir)
+    serials = [layout.parse_serial(n) for n in os.listdir(ckdir)]
+    complete = sorted(s for s in serials if s is not None)
+    assert len(complete) == 3  # max_num_checkpoints
+    newest = ckdir / layout.checkpoint_name(complete[-1])
+    names = {p.relative_to(newest).as_posix() for p in newest.rglob("*")}
+    for expected in ("__lockup_table__/table_pserver_0", "__lockup_table__/table_pserver_1",
+                     "__model__/var.mlp_w0", "__model__/var.bias", "trainer_0/epoch_id",
+                     "trainer_0/step_id", "trainer_0/reader_state", "trainer_1/step_id",
+                     "MANIFEST.json", "_SUCCESS", "__lockup_table__/table_pserver_1/emb_0.ids",
+                     "__lockup_table__/table_pserver_0/wide.accum"):
+        assert expected in names, expected
+    m = reader.load_manifest(storage, complete[-1])
+    steps = m.trainers["0"]["step_id"]
+    assert (newest / "trainer_1" / "step_id").read_text() == f"{steps}\n"
+    assert (newest / "trainer_0" / "epoch_id").read_text() == "1\n"
+    values = np.load(newest / "__model__" / "var.mlp_w0", allow_pickle=False)
+    assert values.shape == (4 * 26 + 13, 8)
+    assert_identical(final_state(ckdir), reference)  # and runs are reproducible
+
+
+def test_trigger_saves_exactly_the_guides_steps(data_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, num_pservers=1, num_trainers=1, epochs=4,
+                    epoch_interval=2, step_interval=10, max_num_checkpoints=100)
+    r = subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config", str(job)],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    storage = LocalStorage(ckdir)
+    saved = [(e.manifest.trainers["0"]["epoch_id"], e.manifest.trainers["0"]["step_id"],
+              e.manifest.final) for e in reader.entries(storage) if e.manifest]
+    # 2700 training examples, batch 128: 21 steps per epoch (0..20); epochs 0..3
+    expected = [(e, s, False) for e in (0, 2) for s in (0, 10, 20)] + [(3, 20, True)]
+    assert saved == expected
+
+
+def _pid_of(job: Path, role: str, ident: int) -> int:
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if str(job) in args and role in args and "--id" in args and \
+                args[args.index("--id") + 1] == str(ident):
+            return int(d.name)
+    raise AssertionError(f"no {role} {ident} process")
+
+
+@pytest.mark.parametrize("role,ident,moment", [
+    ("pserver", 0, "step"), ("pserver", 1, "step"), ("trainer", 0, "step"),
+    ("trainer", 1, "step"), ("pserver", 1, "save"), ("trainer", 0, "save"),
+])
+def test_sigkill_then_restart_ends_bit_identical(data_dir: Path, tmp_path: Path,
+                                                 reference: dict, role: str, ident: int,
+                                                 moment: str) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir)
+    env = python_env()
+    rng = np.random.default_rng(zlib.crc32(f"{role}{ident}{moment}".encode()))
+    if moment == "save":
+        env["PSRT_FAULT_SAVE_SLEEP_S"] = "3"
+        target = re.compile(r"writing checkpoint_(\d+)")
+        at = int(rng.integers(2, 4))  # the serial to die in the middle of
+    else:
+        target = re.compile(r"trainer\[0\] epoch (\d+) step (\d+)/")
+        at = int(rng.integers(3, 19))  # a global step to die at (of 20)
+    p = launch(job, env=env)
+    seen = 0
+    for line in p.stdout:
+        m = target.search(line)
+        if m and moment == "save" and int(m.group(1)) == at:
+            break
+        if m and moment == "step":
+            seen += 1
+            if seen == at:
+                break
+    else:
+        pytest.fail("the job ended before the kill")
+    os.kill(_pid_of(job, "pserver" if role == "pserver" else "trainer", ident), signal.SIGKILL)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    out = run_to_end(job)  # restart the whole job: it resumes and runs to the end
+    assert "restored checkpoint_" in out
+    assert_identical(final_state(ckdir), reference)
+    if moment == "save":  # the torn checkpoint was never restored
+        assert f"restored checkpoint_{at}" not in out
+
+
+def _corrupt(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_damaged_and_torn_checkpoints_are_skipped(data_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, num_pservers=1, num_trainers=1, epochs=1)
+    run = [sys.executable, "-m", "trainer", "--standalone", "--config", str(job)]
+    assert subprocess.run(run, cwd=tmp_path, env=python_env(), capture_output=True,
+                          timeout=300).returncode == 0
+    storage = LocalStorage(ckdir)
+    good = [e.serial for e in reader.entries(storage) if e.problem is None]
+    newest = good[-1]
+    _corrupt(ckdir / layout.checkpoint_name(newest) / "__lockup_table__" / "table_pserver_0"
+             / "emb_0.values")
+    v = subprocess.run([sys.executable, "-m", "ckpt", "verify", str(ckdir), str(newest)],
+                       env=python_env(), capture_output=True, text=True)
+    assert v.returncode == 1 and "emb_0.values: crc32" in v.stdout
+    torn = ckdir / layout.checkpoint_name(newest + 1)
+    shutil.copytree(ckdir / layout.checkpoint_name(good[-2]), torn)
+    (torn / "_SUCCESS").unlink()
+    r = subprocess.run(run, cwd=tmp_path, env=python_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"skipping checkpoint_{newest + 1}" in r.stderr and "no _SUCCESS" in r.stderr
+    assert f"skipping checkpoint_{newest}" in r.stderr and "crc32" in r.stderr
+    assert f"restored checkpoint_{good[-2]}" in r.stderr
