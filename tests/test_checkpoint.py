@@ -207,3 +207,66 @@ def test_damaged_and_torn_checkpoints_are_skipped(data_dir: Path, tmp_path: Path
     assert f"skipping checkpoint_{newest + 1}" in r.stderr and "no _SUCCESS" in r.stderr
     assert f"skipping checkpoint_{newest}" in r.stderr and "crc32" in r.stderr
     assert f"restored checkpoint_{good[-2]}" in r.stderr
+
+
+def _standalone(job: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config", str(job),
+                           *extra], cwd=job.parent, env=python_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_resume_from_serial_0_skips_exactly_what_it_saved(data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    job = write_job(data_dir, whole, whole / "ckpt", 1, 1, epochs=1, step_interval=1000)
+    assert _standalone(job).returncode == 0
+    resumed = tmp_path / "resumed"
+    job = write_job(data_dir, resumed, resumed / "ckpt", 1, 1, epochs=1, step_interval=1000)
+    assert _standalone(job).returncode == 0
+    assert sorted(os.listdir(resumed / "ckpt")) == ["_LOCK", "checkpoint_0", "checkpoint_1"]
+    shutil.rmtree(resumed / "ckpt" / "checkpoint_1")  # as if it crashed after serial 0
+    r = _standalone(job)
+    assert r.returncode == 0 and "restored checkpoint_0: epoch 0, step 0" in r.stderr
+    assert_identical(final_state(resumed / "ckpt"), final_state(whole / "ckpt"))
+
+
+def test_a_second_job_is_refused_naming_the_holder(data_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path / "a", ckdir, 1, 1, epochs=1)
+    assert _standalone(job).returncode == 0
+    other = write_job(data_dir, tmp_path / "b", ckdir, 1, 1, epochs=1)
+    r = _standalone(other, "--set", 'job.name="other"')
+    assert r.returncode == 2
+    assert "is used by job 'demo' (host" in r.stderr and "pid" in r.stderr
+    assert "python -m ckpt unlock" in r.stderr
+    # pservers refuse it the same way
+    r = subprocess.run([sys.executable, "-m", "pserver", "--id", "0", "--config", str(other),
+                        "--set", 'job.name="other"', "--port", "0"], env=python_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "checkpoint.checkpoint_dir:" in r.stderr
+    assert "job 'demo'" in r.stderr
+    # the same job again takes the lock back and resumes
+    r = _standalone(job)
+    assert r.returncode == 0 and "restored checkpoint_" in r.stderr
+
+
+def test_ckpt_cli_lists_and_shows(data_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    assert _standalone(write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1)).returncode == 0
+    (ckdir / "notes.txt").write_text("mine")
+
+    def ckpt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ckpt", *args], env=python_env(),
+                              capture_output=True, text=True, timeout=60)
+
+    ls = ckpt("ls", str(ckdir))
+    assert ls.returncode == 0 and "complete" in ls.stdout and "final" in ls.stdout
+    newest = reader.newest_complete(LocalStorage(ckdir)).serial
+    show = ckpt("show", str(ckdir), str(newest))
+    assert show.returncode == 0
+    assert "emb_0: dim 4, adagrad (state: accum), rows per shard [" in show.stdout
+    assert "mlp_w0: shape [117, 8], adam" in show.stdout
+    assert ckpt("verify", str(ckdir)).returncode == 0
+    assert ckpt("ls", str(tmp_path / "nothing")).returncode == 2
+    unlock = ckpt("unlock", str(ckdir))
+    assert unlock.returncode == 0 and "removed the lock of job 'demo'" in unlock.stdout

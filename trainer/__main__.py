@@ -20,6 +20,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 
+from ckpt.lock import LockedError  # noqa: E402
 from pserver import config as pscfg  # noqa: E402
 from pserver.errors import PsrtError  # noqa: E402
 
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trainer.train()
+    except LockedError as e:
+        print(f"{role}: {e}", file=sys.stderr)
+        return 2
     except PsrtError as e:
         logging.getLogger("trainer").error("%s failed: %s", role, e)
         return 1

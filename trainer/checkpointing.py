@@ -63,9 +63,10 @@ class Checkpointer:
                  serial, epoch_id, step_id, t.global_step)
         return serial
 
-    def after_step(self, epoch_id: int, step_id: int) -> None:
-        if self.config.should_save(epoch_id, step_id):
-            self.save(epoch_id, step_id)
+    def after_step(self, epoch_id: int, step_id: int, last: bool = False) -> None:
+        """Save at the guide's trigger steps, and after the last step of training."""
+        if last or self.config.should_save(epoch_id, step_id):
+            self.save(epoch_id, step_id, final=last)
 
     def save(self, epoch_id: int, step_id: int, final: bool = False) -> int | None:
         """Enter the barrier, write this trainer's part, wait for the commit.

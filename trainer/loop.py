@@ -204,7 +204,8 @@ class Trainer:
                 progress.update(loss)
                 handler(EndStepEvent(epoch, step_id, self.global_step, loss))
                 if self.checkpointer is not None:
-                    self.checkpointer.after_step(epoch, step_id)
+                    last = epoch == epochs - 1 and r.position == r.steps_per_epoch
+                    self.checkpointer.after_step(epoch, step_id, last)
             progress.end_epoch()
             metrics = {"epoch": float(epoch),
                        "train_seconds": time.perf_counter() - started}
@@ -215,8 +216,6 @@ class Trainer:
                              self.role, epoch, metrics["logloss"], metrics["auc"],
                              metrics["examples"])
             handler(EndEpochEvent(epoch, metrics))
-        if self.checkpointer is not None and r.steps_per_epoch:
-            self.checkpointer.save(r.epoch, r.position - 1, final=True)
         return metrics
 
     def parameters(self, ids_by_table: dict[str, np.ndarray] | None = None) -> dict:
