@@ -1,7 +1,7 @@
 """`python -m ckpt`: look into a checkpoint directory.
 
     python -m ckpt ls DIR               every checkpoint: serial, epoch, step, complete, size, age
-    python -m ckpt verify DIR [SERIAL]  sizes and crc32s against the manifest (exit 1 on damage)
+    python -m ckpt verify DIR [SERIAL]  sizes and checksums against the manifest (exit 1 on damage)
     python -m ckpt show DIR SERIAL      tables, rows per shard, dense variables and shapes
     python -m ckpt unlock DIR           break the lock of a job that is gone
 """

@@ -5,11 +5,12 @@
     ├── checkpoint_7/
     │   ├── __lockup_table__/              # spelled as in the guide
     │   │   ├── table_pserver_0/           # pserver 0's shard of every table
-    │   │   │   ├── emb.ids                # .npy data: uint64 ids, grouped by virtual shard
-    │   │   │   ├── emb.values             # float32 (rows, dim)
+    │   │   │   ├── emb.ids                # .npy data: uint64 ids
+    │   │   │   ├── emb.values             # float32 (rows, dim), rows as in emb.ids
     │   │   │   ├── emb.accum              # optimizer state, one file per state array
-    │   │   │   └── emb.vshards            # int64 (V+1,): rows of virtual shard v are
-    │   │   │                              #   [vshards[v], vshards[v+1])
+    │   │   │   ├── emb.order              # int64: the rows sorted by virtual shard
+    │   │   │   └── emb.vshards            # int64 (V+1,): virtual shard v's rows are
+    │   │   │                              #   order[vshards[v]:vshards[v+1]]
     │   │   └── table_pserver_1/
     │   ├── __model__/
     │   │   ├── var.w_1                    # dense variable w_1 (written by trainer 0)
@@ -18,7 +19,7 @@
     │   │   ├── epoch_id                   # "12\\n"
     │   │   ├── step_id
     │   │   └── reader_state               # JSON: data position, global step, seeds
-    │   ├── MANIFEST.json                  # every file: size, crc32; world, tables, serial
+    │   ├── MANIFEST.json                  # every file: size, checksum; world, tables, serial
     │   └── _SUCCESS                       # written last: the commit point
     └── checkpoint_8/
 """

@@ -14,7 +14,7 @@ from typing import Any
 
 from ckpt.storage import FileEntry
 
-FORMAT = "psrt-checkpoint/1"
+FORMAT = "psrt-checkpoint/1"  # files: {"size": bytes, "xxh3": XXH3-64 of the bytes}
 
 
 @dataclass
@@ -77,7 +77,7 @@ def merge(serial: int, job: dict[str, Any], parts: list[Part], final: bool = Fal
         for f in part.files:
             if f.path in files:
                 raise ValueError(f"two parts wrote {f.path}")
-            files[f.path] = {"size": f.size, "crc32": f.crc32}
+            files[f.path] = {"size": f.size, "xxh3": f.xxh3}
         (trainers if part.role == "trainer" else pservers)[str(part.id)] = part.facts
     steps = {t.get("global_step") for t in trainers.values()}
     return Manifest(serial=serial, job=job["name"], mode=job["mode"],

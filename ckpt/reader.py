@@ -2,7 +2,7 @@
 
 Reading never creates anything. A checkpoint counts only with `_SUCCESS` and
 a manifest whose files are all there with the right sizes (and, verified
-deeply, the right crc32); anything else in `checkpoint_dir` is ignored.
+deeply, the right checksum); anything else in `checkpoint_dir` is ignored.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
 
 
 def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
-    """Problems of checkpoint `serial` (empty: intact). `deep` also checks every crc32."""
+    """Problems of checkpoint `serial` (empty: intact). `deep` also checks every checksum."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
         return [problem or "unreadable"]
@@ -67,11 +67,12 @@ def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
             if size != want["size"]:
                 problems.append(f"{rel}: size {size}, manifest says {want['size']}")
             continue
-        size, crc = storage.crc32(path)
+        size, digest = storage.checksum(path)
         if size != want["size"]:
             problems.append(f"{rel}: size {size}, manifest says {want['size']}")
-        elif crc != want["crc32"]:
-            problems.append(f"{rel}: crc32 {crc:08x}, manifest says {want['crc32']:08x}")
+        elif digest != want["xxh3"]:
+            problems.append(f"{rel}: checksum xxh3 {digest:016x}, manifest says "
+                            f"{want['xxh3']:016x}")
     return problems
 
 
@@ -131,8 +132,8 @@ def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: li
     """The rows of virtual shards [lo, hi) of a table, from every old pserver's files
     ({} when there are none).
 
-    Each old shard's rows are grouped by virtual shard, so only the needed byte ranges
-    are read (memory-mapped).
+    Each old shard lists its rows sorted by virtual shard (`order`, `vshards`), so only
+    the needed rows are read (memory-mapped), in file order.
     """
     base = layout.checkpoint_name(manifest.serial)
     pieces: dict[str, list[np.ndarray]] = {a: [] for a in arrays}
@@ -142,10 +143,15 @@ def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: li
         hi = int(offsets[min(vshard_hi, len(offsets) - 1)])
         if hi <= lo:
             continue
-        whole = lo == 0 and hi == int(offsets[-1])
+        if lo == 0 and hi == int(offsets[-1]):  # the whole old shard: read it straight
+            for a in arrays:
+                pieces[a].append(storage.read_array(f"{base}/{layout.table_file(p, table, a)}"))
+            continue
+        order = storage.read_array(f"{base}/{layout.table_file(p, table, 'order')}", mmap=True)
+        rows = np.sort(order[lo:hi])  # ascending: the reads walk each file forward
         for a in arrays:
-            arr = storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=not whole)
-            pieces[a].append(arr if whole else np.array(arr[lo:hi]))
+            arr = storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=True)
+            pieces[a].append(np.take(arr, rows, axis=0))
     return {a: (v[0] if len(v) == 1 else np.concatenate(v)) for a, v in pieces.items() if v}
 
 

@@ -22,8 +22,9 @@ def write_shard(storage: LocalStorage, serial: int, pserver_id: int,
                 vshards: Mapping[str, np.ndarray], virtual_shards: int,
                 dense_state: Mapping[str, Mapping[str, np.ndarray]],
                 facts: dict | None = None, midway: Callable[[], None] | None = None) -> Part:
-    """Pserver `pserver_id`'s part: every table's arrays with rows grouped by virtual shard
-    (`vshards[t]` gives each row's), and the optimizer state of its dense variables."""
+    """Pserver `pserver_id`'s part: every table's arrays (rows in table order, written
+    sequentially), the rows sorted by virtual shard (`order`, with `vshards` offsets; each
+    row's virtual shard is `vshards[t]`), and the optimizer state of its dense variables."""
     base = layout.checkpoint_name(serial)
     storage.makedirs(f"{base}/{layout.shard_dir(pserver_id)}")
     files: list[FileEntry] = []
@@ -33,17 +34,21 @@ def write_shard(storage: LocalStorage, serial: int, pserver_id: int,
         order = np.argsort(vs, kind="stable")
         offsets = np.searchsorted(vs[order], np.arange(virtual_shards + 1)).astype(np.int64)
         files.append(storage.write_array(base, layout.table_file(pserver_id, name, "vshards"),
-                                         offsets))
+                                         offsets, fsync=False))
+        files.append(storage.write_array(base, layout.table_file(pserver_id, name, "order"),
+                                         order.astype(np.int64), fsync=False))
         for array, arr in arrays.items():
             files.append(storage.write_array(base, layout.table_file(pserver_id, name, array),
-                                             np.take(arr, order, axis=0)))
+                                             arr, fsync=False))
             if midway is not None:
                 midway()
                 midway = None
         rows[name] = int(len(vs))
     for name, arrays in dense_state.items():
         for array, arr in arrays.items():
-            files.append(storage.write_array(base, layout.dense_file(name, array), arr))
+            files.append(storage.write_array(base, layout.dense_file(name, array), arr,
+                                             fsync=False))
+    storage.fsync([f"{base}/{f.path}" for f in files])
     storage.fsync_dir(f"{base}/{layout.shard_dir(pserver_id)}")
     return Part("pserver", pserver_id, files, {"rows": rows, **(facts or {})})
 

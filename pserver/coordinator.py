@@ -40,7 +40,9 @@ class Coordinator:
         self.config, self.ckpt, self.facts = config, ckpt, facts
         self.storage = LocalStorage(ckpt.checkpoint_dir)
         self.holder = lock.acquire(self.storage, config.name)
+        started = time.perf_counter()
         manifest = reader.newest_complete(self.storage, deep=True)
+        self.verify_seconds = time.perf_counter() - started
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
@@ -55,8 +57,8 @@ class Coordinator:
         self._outcome: dict[int, str | None] = {}  # serial -> None (committed) or the error
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
-        log.info("coordinator: %s locked for job %r; restoring %s", ckpt.checkpoint_dir,
-                 config.name, what)
+        log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
+                 ckpt.checkpoint_dir, config.name, what, self.verify_seconds)
 
     # ---- membership ---------------------------------------------------------
 

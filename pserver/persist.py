@@ -31,6 +31,7 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
     Fault injection for tests: PSRT_FAULT_SAVE_SLEEP_S=x sleeps x seconds in the middle
     of the save (after the first files are written), so a test can kill it there.
     """
+    started = time.perf_counter()
     v = shard.config.virtual_shards
     tables, vshards = {}, {}
     locks = [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
@@ -43,9 +44,14 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
         dense_state = {n: d.state for n, d in shard.dense.items()}
         applied = {n: g.applied for n, g in shard.gates.items()}
         pause = float(os.environ.get("PSRT_FAULT_SAVE_SLEEP_S", "0") or 0)
-        return writer.write_shard(storage, serial, shard.pserver_id, tables, vshards, v,
+        part = writer.write_shard(storage, serial, shard.pserver_id, tables, vshards, v,
                                   dense_state, {"applied": applied},
                                   midway=(lambda: time.sleep(pause)) if pause else None)
+        seconds = time.perf_counter() - started
+        size = sum(f.size for f in part.files)
+        log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
+                 shard.pserver_id, serial, size / 1e6, seconds, size / max(seconds, 1e-9) / 1e9)
+        return part
     finally:
         for lock in locks:
             lock.release()
@@ -93,6 +99,7 @@ def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
     """Replace this pserver's tables, dense variables and step counters with the
     checkpoint's, reading only the virtual shards it owns."""
     check_compatible(shard, manifest)
+    started = time.perf_counter()
     cfg = shard.config
     vs = owned_range(shard.pserver_id, cfg.num_pservers, cfg.virtual_shards)
     for name, t in shard.tables.items():
@@ -108,8 +115,8 @@ def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
             gate.applied = manifest.global_step if cfg.mode == "sync" else 0
             gate.pending.clear()
             gate.cond.notify_all()
-    log.info("pserver[%d] restored checkpoint_%d (step %d): %s", shard.pserver_id,
-             manifest.serial, manifest.global_step,
+    log.info("pserver[%d] restored checkpoint_%d (step %d) in %.2fs: %s", shard.pserver_id,
+             manifest.serial, manifest.global_step, time.perf_counter() - started,
              ", ".join(f"{n} {len(t)} rows" for n, t in shard.tables.items()) or "no tables")
 
 

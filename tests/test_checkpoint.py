@@ -197,7 +197,7 @@ def test_damaged_and_torn_checkpoints_are_skipped(data_dir: Path, tmp_path: Path
              / "emb_0.values")
     v = subprocess.run([sys.executable, "-m", "ckpt", "verify", str(ckdir), str(newest)],
                        env=python_env(), capture_output=True, text=True)
-    assert v.returncode == 1 and "emb_0.values: crc32" in v.stdout
+    assert v.returncode == 1 and "emb_0.values: checksum" in v.stdout
     torn = ckdir / layout.checkpoint_name(newest + 1)
     shutil.copytree(ckdir / layout.checkpoint_name(good[-2]), torn)
     (torn / "_SUCCESS").unlink()
@@ -205,7 +205,7 @@ def test_damaged_and_torn_checkpoints_are_skipped(data_dir: Path, tmp_path: Path
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"skipping checkpoint_{newest + 1}" in r.stderr and "no _SUCCESS" in r.stderr
-    assert f"skipping checkpoint_{newest}" in r.stderr and "crc32" in r.stderr
+    assert f"skipping checkpoint_{newest}" in r.stderr and "checksum" in r.stderr
     assert f"restored checkpoint_{good[-2]}" in r.stderr
 
 

@@ -1,0 +1,165 @@
+"""A blocking checkpoint of two pservers, and a restore, against the disk's own speed.
+
+    python benchmarks/checkpoint.py [--rows N] [--dir DIR]
+
+Two pserver processes hold one table of N rows (default 4,000,000) of dim 64
+with Adagrad state. The script saves a checkpoint through the coordinator (as
+the job's only trainer: barrier, its part, commit) and times it; then stops
+both pservers, evicts the files from the page cache, starts them again and
+times the restore (the coordinator's checksum verification plus each pserver's
+load). In the same run, on the same file system, it measures the disk: a
+sequential write of the same byte count with fsync, and a cold read of it.
+The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import wait_ready_file
+
+from ckpt import reader, writer
+from ckpt.storage import LocalStorage
+from pserver import config as cfg
+from pserver.client import PSClient
+from pserver.coordinator_rpc import CoordinatorClient
+from trainer.demo import dump_toml
+
+DIM = 64
+
+
+def evict(path: Path) -> None:
+    """Drop a directory's files from the page cache (they are clean: fsynced)."""
+    for f in [path] if path.is_file() else path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def disk_ceiling(directory: Path, nbytes: int) -> tuple[float, float]:
+    """(write GB/s with fsync, cold read GB/s) of one sequential file of nbytes."""
+    path = directory / "ceiling.bin"
+    chunk = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    left = nbytes
+    while left > 0:
+        left -= os.write(fd, chunk[:min(left, len(chunk))])
+    os.fsync(fd)
+    os.close(fd)
+    write = nbytes / (time.perf_counter() - start) / 1e9
+    evict(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(bytearray(8 << 20)):
+            pass
+    read = nbytes / (time.perf_counter() - start) / 1e9
+    path.unlink()
+    return write, read
+
+
+def start(job: Path, work: Path, tag: str) -> tuple[list[subprocess.Popen], list[Path], float]:
+    """Both pservers (pserver 0 first: it hosts the coordinator); returns when both serve."""
+    logs = [work / f"{tag}-pserver{i}.log" for i in range(2)]
+    ready = [work / f"{tag}-pserver{i}.ready" for i in range(2)]
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    base = [sys.executable, "-m", "pserver", "--config", str(job), "--log-level", "INFO"]
+    procs = [subprocess.Popen([*base, "--id", "0", "--ready-file", str(ready[0])], env=env,
+                              stdout=open(logs[0], "w"), stderr=subprocess.STDOUT)]
+    first = wait_ready_file(ready[0], procs[0], 600)
+    procs.append(subprocess.Popen([*base, "--id", "1", "--ready-file", str(ready[1]), "--set",
+                                   f'job.pservers=["{first}","127.0.0.1:0"]'], env=env,
+                                  stdout=open(logs[1], "w"), stderr=subprocess.STDOUT))
+    second = wait_ready_file(ready[1], procs[1], 600)
+    seconds = time.perf_counter() - t0
+    (work / "addresses").write_text(f"{first}\n{second}\n")
+    return procs, logs, seconds
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=4_000_000)
+    ap.add_argument("--dir", help="where to write (default: a temporary directory)")
+    args = ap.parse_args()
+    work = Path(args.dir or tempfile.mkdtemp(prefix="psrt-ckpt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckdir = work / "ckpt"
+    shutil.rmtree(ckdir, ignore_errors=True)
+    doc = {"job": {"name": "bench", "mode": "async", "pservers": ["127.0.0.1:0"] * 2},
+           "tables": {"emb": {"dim": DIM, "optimizer": "adagrad"}},
+           "checkpoint": {"checkpoint_dir": str(ckdir), "max_num_checkpoints": 2},
+           "rpc": {"checkpoint_timeout_s": 3600.0}}
+    job = work / "job.toml"
+    job.write_text(dump_toml(doc))
+    procs, logs, _ = start(job, work, "fill")
+    addrs = (work / "addresses").read_text().split()
+    config = cfg.load(job, [f'job.pservers=["{addrs[0]}","{addrs[1]}"]'])
+    client = PSClient(config)
+    client.wait_ready()
+    ids = np.arange(args.rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    t0 = time.perf_counter()
+    for lo in range(0, args.rows, 262_144):
+        client.pull("emb", ids[lo:lo + 262_144], unique=True)
+    print(f"filled {args.rows:,} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    coord = CoordinatorClient(config)
+    storage = LocalStorage(ckdir)
+    assert coord.join_trainer(0) == -1
+    t0 = time.perf_counter()
+    serial = coord.barrier(0, 1, 0, 0, True)
+    part = writer.write_trainer(storage, serial, 0, 0, 0, {"global_step": 1})
+    coord.commit(0, serial, part, None)
+    save_s = time.perf_counter() - t0
+    nbytes = reader.load_manifest(storage, serial).total_bytes
+    print(f"saved checkpoint_{serial}: {nbytes / 1e9:.2f} GB in {save_s:.2f}s", flush=True)
+    coord.close()
+    client.close()
+    stop(procs)
+    evict(ckdir)
+    procs, logs, restore_total_s = start(job, work, "restore")
+    stop(procs)
+    text = "".join(p.read_text() for p in logs)
+    loads = [float(x) for x in re.findall(r"restored checkpoint_\d+ \(step \d+\) in ([\d.]+)s",
+                                          text)]
+    verify_s = float(re.search(r"verified in ([\d.]+)s", text).group(1))
+    restore_s = verify_s + max(loads)
+    print(f"restored in {restore_s:.2f}s (verify {verify_s:.2f}s + load {max(loads):.2f}s; "
+          f"process start to serving {restore_total_s:.2f}s)", flush=True)
+    write_gbps, read_gbps = disk_ceiling(work, nbytes)
+    print(f"disk: write+fsync {write_gbps:.2f} GB/s, cold read {read_gbps:.2f} GB/s", flush=True)
+    save_gbps, restore_gbps = nbytes / save_s / 1e9, nbytes / restore_s / 1e9
+    print(json.dumps({
+        "rows": args.rows, "bytes": nbytes, "save_s": round(save_s, 3),
+        "restore_s": round(restore_s, 3), "verify_s": round(verify_s, 3),
+        "load_s": round(max(loads), 3), "restore_total_s": round(restore_total_s, 3),
+        "disk_write_gbps": round(write_gbps, 3), "disk_read_gbps": round(read_gbps, 3),
+        "save_vs_disk": round(save_gbps / write_gbps, 3),
+        "restore_vs_disk": round(restore_gbps / read_gbps, 3),
+    }))
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
