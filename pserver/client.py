@@ -31,8 +31,10 @@ _METHODS = {
     "PullDense": (pb.DensePullRequest, pb.DensePullResponse),
     "PushDense": (pb.DensePushRequest, pb.DensePushResponse),
     "Info": (pb.InfoRequest, pb.InfoResponse),
+    "PullBatch": (pb.PullBatchRequest, pb.PullBatchResponse),
+    "PushBatch": (pb.PushBatchRequest, pb.PushBatchResponse),
 }
-_BULK = ("Pull", "Push")
+_BULK = ("Pull", "Push", "PullBatch", "PushBatch")
 
 
 class PSClient:
@@ -48,7 +50,7 @@ class PSClient:
         self._dense = {d.name: (config.dense_owner(d.name), d.shape) for d in config.dense}
         opts = channel_options(config)
         self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
-        # Pull and Push go as raw bytes (see pserver.codec); the rest as protobuf messages.
+        # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
         self._stubs = [
             {name: ch.unary_unary(
                 f"/{SERVICE}/{name}",
@@ -110,11 +112,6 @@ class PSClient:
         """
         return self._start_pull(table, ids, step, unique)()
 
-    def pull_many(self, ids: Mapping[str, np.ndarray], step: int = 0) -> dict[str, np.ndarray]:
-        """`pull` of several tables, all calls in flight at once."""
-        pending = {t: self._start_pull(t, x, step, False) for t, x in ids.items()}
-        return {t: finish() for t, finish in pending.items()}
-
     def _start_pull(self, table: str, ids: np.ndarray, step: int,
                     unique: bool) -> Callable[[], np.ndarray]:
         ids = np.asarray(ids, dtype=np.uint64).ravel()
@@ -155,14 +152,6 @@ class PSClient:
         In sync mode every pserver gets a push (possibly empty) for the step.
         """
         return self._start_push(table, ids, grads, step)()
-
-    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                  dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
-        """`push` of several tables ({table: (ids, grads)}) and dense variables, all at once."""
-        pending = [self._start_push(t, ids, g, step) for t, (ids, g) in grads.items()]
-        if dense:
-            pending.append(self._start_push_dense(dense, step))
-        return min((finish() for finish in pending), default=0)
 
     def _start_push(self, table: str, ids: np.ndarray, grads: np.ndarray,
                     step: int) -> Callable[[], int]:
@@ -232,10 +221,66 @@ class PSClient:
 
     def pull_all(self, ids: Mapping[str, np.ndarray],
                  step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Rows of several tables and every dense variable, all calls in flight at once."""
-        pending = {t: self._start_pull(t, x, step, False) for t, x in ids.items()}
-        dense = self._start_pull_dense(None, step)
-        return {t: finish() for t, finish in pending.items()}, dense()
+        """Rows of several tables and every dense variable: one PullBatch per pserver."""
+        plan = {t: self._plan(t, x) for t, x in ids.items()}
+        dense = self._dense_by_pserver(self._dense)
+        futs = []
+        for p in range(len(self.addresses)):
+            tables = [(t, uniq[parts[p]]) for t, (uniq, _, parts) in plan.items()
+                      if len(parts[p])]
+            names = dense.get(p, [])
+            if tables or names:
+                req = codec.encode_pull_batch_request(tables, names, self.trainer_id, step)
+                futs.append((p, tables, names, self._call(p, "PullBatch", req)))
+        rows = {t: np.empty((len(uniq), self.dim(t)), dtype=np.float32)
+                for t, (uniq, _, _) in plan.items()}
+        values = {}
+        for p, tables, names, fut in futs:
+            raw = self._result(fut, p, "PullBatch")
+            got, dense_views = codec.decode_pull_batch_response(raw)
+            for (t, sub), view in zip(tables, got, strict=True):
+                arr = view.array(raw, f"PullBatch answer for {t!r}")
+                if arr.shape != (len(sub), self.dim(t)):
+                    raise InvalidArgument(f"PullBatch: pserver[{p}] answered shape "
+                                          f"{list(arr.shape)} for {t!r}")
+                rows[t][plan[t][2][p]] = arr
+            for n, view in zip(names, dense_views, strict=True):
+                values[n] = view.array(raw, f"PullBatch answer for {n!r}").copy()
+        out = {t: rows[t] if inverse is None else np.take(rows[t], inverse, axis=0)
+               for t, (_, inverse, _) in plan.items()}
+        return out, values
+
+    def _plan(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
+        self.dim(table)
+        uniq, inverse = dedup(np.asarray(ids, dtype=np.uint64).ravel())
+        return uniq, inverse, self._split(uniq)
+
+    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                  dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
+        """Gradients of several tables ({table: (ids, grads)}) and dense variables: one
+        PushBatch per pserver (in sync mode every pserver gets one, possibly empty)."""
+        sync = self.config.mode == "sync"
+        summed = {}
+        for t, (ids, g) in grads.items():
+            ids = np.asarray(ids, dtype=np.uint64).ravel()
+            g = np.asarray(g, dtype=np.float32)
+            dim = self.dim(t)
+            if g.shape != (len(ids), dim):
+                raise InvalidArgument(f"Push: table {t!r} has dim {dim}; {len(ids)} ids need "
+                                      f"gradients of shape {[len(ids), dim]}, "
+                                      f"got {list(g.shape)}")
+            uniq, total = sum_duplicates(ids, g)
+            summed[t] = (uniq, total, self._split(uniq))
+        by_pserver = self._dense_by_pserver(dense or {})
+        futs = []
+        for p in range(len(self.addresses)):
+            tables = [(t, uniq[parts[p]], total[parts[p]]) for t, (uniq, total, parts)
+                      in summed.items() if len(parts[p]) or sync]
+            names = [(n, dense[n]) for n in by_pserver.get(p, [])]
+            if tables or names:
+                req = codec.encode_push_batch_request(tables, names, self.trainer_id, step)
+                futs.append((p, self._call(p, "PushBatch", req)))
+        return min((self._applied(self._result(f, p, "PushBatch")) for p, f in futs), default=0)
 
     def info(self, pserver_id: int) -> pb.InfoResponse:
         fut = self._call(pserver_id, "Info", pb.InfoRequest())

@@ -150,7 +150,19 @@ class TensorView:
 
 
 def _tensor(buf: bytes, fields: dict, number: int) -> TensorView:
-    start, end = _last(fields, number, _LEN, (0, 0))
+    return _tensor_at(buf, _last(fields, number, _LEN, (0, 0)))
+
+
+def _spans(fields: dict, number: int) -> list[tuple[int, int]]:
+    """Every occurrence of a repeated length-delimited field."""
+    spans = fields.get(number, [])
+    if any(not isinstance(v, tuple) for v in spans):
+        raise DecodeError(f"field {number} has the wrong wire type")
+    return spans
+
+
+def _tensor_at(buf: bytes, span: tuple[int, int]) -> TensorView:
+    start, end = span
     sub = scan(memoryview(buf)[start:end]) if end > start else {}
     data = _bytes_span(sub, 1)
     return TensorView(_shape(memoryview(buf)[start:end], sub, 2), start + data[0],
@@ -192,6 +204,46 @@ def decode_push_request(buf: bytes) -> PushRequest:
     f = scan(buf)
     return PushRequest(_string(buf, f, 1), _ids(buf, _bytes_span(f, 2), "Push"),
                        _tensor(buf, f, 3), _int(f, 4, 32), _int(f, 5, 64))
+
+
+def _sub(buf: bytes, span: tuple[int, int]) -> tuple[memoryview, dict, int]:
+    view = memoryview(buf)[span[0]:span[1]]
+    return view, scan(view), span[0]
+
+
+def decode_pull_batch(buf: bytes) -> tuple[list[tuple[str, np.ndarray]], list[str], int, int]:
+    """PullBatchRequest: ([(table, ids)], dense names, trainer_id, step)."""
+    f = scan(buf)
+    tables = []
+    for span in _spans(f, 1):
+        view, sub, base = _sub(buf, span)
+        ids_span = _bytes_span(sub, 2)
+        tables.append((_string(view, sub, 1),
+                       _ids(buf, (base + ids_span[0], base + ids_span[1]), "PullBatch")))
+    dense = [_string(buf, {2: [s]}, 2) for s in _spans(f, 2)]
+    return tables, dense, _int(f, 3, 32), _int(f, 4, 64)
+
+
+def decode_push_batch(buf: bytes) -> tuple[list[tuple[str, np.ndarray, TensorView]], list[str],
+                                             list[TensorView], int, int]:
+    """PushBatchRequest: ([(table, ids, grads)], dense names, dense grads, trainer, step)."""
+    f = scan(buf)
+    tables = []
+    for span in _spans(f, 1):
+        view, sub, base = _sub(buf, span)
+        ids_span = _bytes_span(sub, 2)
+        g_span = _last(sub, 3, _LEN, (0, 0))
+        tables.append((_string(view, sub, 1),
+                       _ids(buf, (base + ids_span[0], base + ids_span[1]), "PushBatch"),
+                       _tensor_at(buf, (base + g_span[0], base + g_span[1]))))
+    dense = [_string(buf, {2: [s]}, 2) for s in _spans(f, 2)]
+    grads = [_tensor_at(buf, s) for s in _spans(f, 3)]
+    return tables, dense, grads, _int(f, 4, 32), _int(f, 5, 64)
+
+
+def decode_pull_batch_response(buf: bytes) -> tuple[list[TensorView], list[TensorView]]:
+    f = scan(buf)
+    return [_tensor_at(buf, s) for s in _spans(f, 1)], [_tensor_at(buf, s) for s in _spans(f, 2)]
 
 
 def decode_pull_response(buf: bytes) -> TensorView:
@@ -247,3 +299,53 @@ def encode_push_request(table: str, ids: np.ndarray, grads: np.ndarray, trainer_
 
 def encode_push_response(applied_steps: int) -> bytes:
     return _varint(1 << 3) + _varint(applied_steps) if applied_steps else b""
+
+
+def _message(number: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    return [_len_field(number, _size(parts)), *parts]
+
+
+def _str_field(number: int, text: str) -> bytes:
+    raw = text.encode()
+    return _len_field(number, len(raw)) + raw if raw else b""
+
+
+def _ids_field(number: int, ids: np.ndarray) -> list[bytes | memoryview]:
+    raw = np.ascontiguousarray(ids, dtype=ID_DTYPE)
+    return [_len_field(number, raw.nbytes), memoryview(raw).cast("B")] if raw.nbytes else []
+
+
+def _scalars(trainer_id: int, tid: int, step: int, sid: int) -> bytes:
+    return (_varint(tid << 3) + _varint(trainer_id) if trainer_id else b"") + \
+        (_varint(sid << 3) + _varint(step) if step else b"")
+
+
+def encode_pull_batch_request(tables: list[tuple[str, np.ndarray]], dense: list[str],
+                              trainer_id: int, step: int) -> bytes:
+    parts: list[bytes | memoryview] = []
+    for name, ids in tables:
+        parts += _message(1, [_str_field(1, name), *_ids_field(2, ids)])
+    parts += [_len_field(2, len(n.encode())) + n.encode() for n in dense]
+    return b"".join([*parts, _scalars(trainer_id, 3, step, 4)])
+
+
+def encode_pull_batch_response(rows: list[np.ndarray], dense: list[np.ndarray]) -> bytes:
+    parts: list[bytes | memoryview] = []
+    for arr in rows:
+        parts += _message(1, _tensor_parts(arr))
+    for arr in dense:
+        parts += _message(2, _tensor_parts(arr))
+    return b"".join(parts)
+
+
+def encode_push_batch_request(tables: list[tuple[str, np.ndarray, np.ndarray]],
+                              dense: list[tuple[str, np.ndarray]], trainer_id: int,
+                              step: int) -> bytes:
+    parts: list[bytes | memoryview] = []
+    for name, ids, grads in tables:
+        parts += _message(1, [_str_field(1, name), *_ids_field(2, ids),
+                              *_message(3, _tensor_parts(grads))])
+    parts += [_len_field(2, len(n.encode())) + n.encode() for n, _ in dense]
+    for _, g in dense:
+        parts += _message(3, _tensor_parts(g))
+    return b"".join([*parts, _scalars(trainer_id, 4, step, 5)])

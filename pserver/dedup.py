@@ -2,9 +2,10 @@
 
 Trainers mostly send distinct ids, and uniform id streams repeat only a few:
 both functions pay one `np.sort` to find out, and then touch only the
-repeated ids, instead of sorting and permuting every row. Distinct ids keep
-the order of their first appearance (when few repeat), and duplicate gradients are summed in
-the order they appear, so results are reproducible bit for bit.
+repeated ids, instead of permuting every row; when many repeat they sort
+once (stably) and work on groups. Duplicate gradients are summed strictly
+left to right in the order they appear, so a sum's bits depend only on that
+id's gradients: not on the batch, the pserver or the path taken.
 """
 
 from __future__ import annotations
@@ -14,27 +15,26 @@ import numpy as np
 from pserver.sharding import fmix64
 
 
-def _repeats(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """For repeated keys: their positions grouped by key (appearance order within a key),
-    and a flag for the first position of each key; None when all keys are distinct."""
+def _sorted_repeats(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """(sorted keys, how many are repeats of an earlier equal key)."""
     srt = np.sort(keys)
-    same = srt[1:] == srt[:-1]
-    if not same.any():
-        return None
-    repeated = np.unique(srt[1:][same])
-    pos = _positions_of(keys, repeated)
-    order = np.argsort(keys[pos], kind="stable")
-    grouped = pos[order]
-    k = keys[grouped]
-    first = np.empty(len(k), dtype=bool)
-    first[0] = True
-    np.not_equal(k[1:], k[:-1], out=first[1:])
-    return grouped, first, np.cumsum(first) - 1
+    return srt, int(np.count_nonzero(srt[1:] == srt[:-1]))
+
+
+def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, first, group): a stable sort of keys, the first of each run of equal keys,
+    and each sorted position's group number."""
+    order = np.argsort(keys, kind="stable")
+    srt = keys[order]
+    first = np.empty(len(srt), dtype=bool)
+    first[:1] = True
+    np.not_equal(srt[1:], srt[:-1], out=first[1:])
+    return order, first, np.cumsum(first) - 1
 
 
 def _positions_of(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Positions of the keys that are in `values` (sorted, usually few): a hashed bitmap
-    filters the candidates, a binary search over the few left confirms them."""
+    """Positions of the keys that are in `values` (sorted, few): a hashed bitmap filters
+    the candidates, a binary search over the few left confirms them."""
     bits = 1 << max(12, (8 * len(values)).bit_length())
     mask = np.uint64(bits - 1)
     bitmap = np.zeros(bits, dtype=bool)
@@ -45,21 +45,27 @@ def _positions_of(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     return cand[values[at] == k]
 
 
-def _many_repeats(keys: np.ndarray) -> bool:
-    """A cheap guess (from a sample) that over an eighth of the keys repeat."""
-    sample = keys[:: max(1, len(keys) // 4096)]
-    return len(np.unique(sample)) < len(sample) * 7 // 8
+def _few_groups(keys: np.ndarray, srt: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                            np.ndarray]:
+    """`_groups` restricted to the positions of repeated keys: (positions, first, group)."""
+    same = srt[1:] == srt[:-1]
+    pos = _positions_of(keys, np.unique(srt[1:][same]))
+    order, first, group = _groups(keys[pos])
+    return pos[order], first, group
 
 
 def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(distinct keys, inverse) with `uniq[inverse] == keys`; inverse is None when the keys
     were distinct already (then uniq is keys itself)."""
-    if _many_repeats(keys):
-        return np.unique(keys, return_inverse=True)
-    rep = _repeats(keys)
-    if rep is None:
+    srt, repeats = _sorted_repeats(keys)
+    if repeats == 0:
         return keys, None
-    grouped, first, group = rep
+    if repeats > len(keys) // 8:
+        order, first, group = _groups(keys)
+        inverse = np.empty(len(keys), dtype=np.int64)
+        inverse[order] = group
+        return keys[order[first]], inverse
+    grouped, first, group = _few_groups(keys, srt)
     keep = np.ones(len(keys), dtype=bool)
     keep[grouped[~first]] = False
     new_index = np.cumsum(keep) - 1
@@ -81,27 +87,24 @@ def sum_duplicates(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
     """(distinct keys, their summed gradients).
 
     A repeated key's gradients are added strictly left to right in the order they
-    appear (first + second + third ...), whichever way the repeats are found, so the
-    bits of a sum depend only on that key's own gradients and their order. When the
+    appear (first + second + third ...), whichever way the repeats are found. When the
     keys are distinct, the inputs come back as they are.
     """
-    if _many_repeats(keys):
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        out = np.take(grads, first, axis=0)
-        later = np.ones(len(keys), dtype=bool)
-        later[first] = False
-        _add_in_order(out, inverse[later], grads[later])
-        return uniq, out
-    rep = _repeats(keys)
-    if rep is None:
+    srt, repeats = _sorted_repeats(keys)
+    if repeats == 0:
         return keys, grads
-    grouped, first, group = rep
+    if repeats > len(keys) // 8:
+        order, first, group = _groups(keys)
+        out = np.take(grads, order[first], axis=0)
+        # later occurrences, grouped by key and in appearance order within a key
+        _add_in_order(out, group[~first], grads[order[~first]])
+        return keys[order[first]], out
+    grouped, first, group = _few_groups(keys, srt)
     keep = np.ones(len(keys), dtype=bool)
     later = grouped[~first]
     keep[later] = False
     new_index = np.cumsum(keep) - 1
     out = grads[keep]
     target = new_index[grouped[first][group]]  # where each grouped position's sum lands
-    order = np.argsort(later, kind="stable")  # later occurrences in appearance order
-    _add_in_order(out, target[~first][order], grads[later[order]])
+    _add_in_order(out, target[~first], grads[later])
     return keys[keep], out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pserver/psrt.proto\x12\x07psrt.v1\"%\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\"K\n\x0bPullRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x12\n\ntrainer_id\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"-\n\x0cPullResponse\x12\x1d\n\x04rows\x18\x01 \x01(\x0b\x32\x0f.psrt.v1.Tensor\"k\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x1e\n\x05grads\x18\x03 \x01(\x0b\x32\x0f.psrt.v1.Tensor\x12\x12\n\ntrainer_id\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\"%\n\x0cPushResponse\x12\x15\n\rapplied_steps\x18\x01 \x01(\x03\"C\n\x10\x44\x65nsePullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x12\n\ntrainer_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"4\n\x11\x44\x65nsePullResponse\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.psrt.v1.Tensor\"c\n\x10\x44\x65nsePushRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x1e\n\x05grads\x18\x02 \x03(\x0b\x32\x0f.psrt.v1.Tensor\x12\x12\n\ntrainer_id\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"*\n\x11\x44\x65nsePushResponse\x12\x15\n\rapplied_steps\x18\x01 \x01(\x03\"\r\n\x0bInfoRequest\"^\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x15\n\rapplied_steps\x18\x05 \x01(\x03\"R\n\tDenseInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x15\n\rapplied_steps\x18\x04 \x01(\x03\"\xbb\x01\n\x0cInfoResponse\x12\x12\n\npserver_id\x18\x01 \x01(\x05\x12\x14\n\x0cnum_pservers\x18\x02 \x01(\x05\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0cnum_trainers\x18\x04 \x01(\x05\x12\x16\n\x0evirtual_shards\x18\x05 \x01(\x05\x12\"\n\x06tables\x18\x06 \x03(\x0b\x32\x12.psrt.v1.TableInfo\x12!\n\x05\x64\x65nse\x18\x07 \x03(\x0b\x32\x12.psrt.v1.DenseInfo\"\"\n\x10SaveShardRequest\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"!\n\x11SaveShardResponse\x12\x0c\n\x04part\x18\x01 \x01(\t\"8\n\x0bJoinRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x1e\n\x0cJoinResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"2\n\x0cReadyRequest\x12\x12\n\npserver_id\x18\x01 \x01(\x05\x12\x0e\n\x06serial\x18\x02 \x01(\x03\"\x0f\n\rReadyResponse\"k\n\x0e\x42\x61rrierRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\x05\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x03\x12\x10\n\x08\x65poch_id\x18\x03 \x01(\x03\x12\x0f\n\x07step_id\x18\x04 \x01(\x03\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"!\n\x0f\x42\x61rrierResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"A\n\rCommitRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\x05\x12\x0e\n\x06serial\x18\x02 \x01(\x03\x12\x0c\n\x04part\x18\x03 \x01(\t\" \n\x0e\x43ommitResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\x32\xfc\x02\n\x0fParameterServer\x12\x33\n\x04Pull\x12\x14.psrt.v1.PullRequest\x1a\x15.psrt.v1.PullResponse\x12\x33\n\x04Push\x12\x14.psrt.v1.PushRequest\x1a\x15.psrt.v1.PushResponse\x12\x42\n\tPullDense\x12\x19.psrt.v1.DensePullRequest\x1a\x1a.psrt.v1.DensePullResponse\x12\x42\n\tPushDense\x12\x19.psrt.v1.DensePushRequest\x1a\x1a.psrt.v1.DensePushResponse\x12\x33\n\x04Info\x12\x14.psrt.v1.InfoRequest\x1a\x15.psrt.v1.InfoResponse\x12\x42\n\tSaveShard\x12\x19.psrt.v1.SaveShardRequest\x1a\x1a.psrt.v1.SaveShardResponse2\xf3\x01\n\x0b\x43oordinator\x12\x33\n\x04Join\x12\x14.psrt.v1.JoinRequest\x1a\x15.psrt.v1.JoinResponse\x12\x36\n\x05Ready\x12\x15.psrt.v1.ReadyRequest\x1a\x16.psrt.v1.ReadyResponse\x12<\n\x07\x42\x61rrier\x12\x17.psrt.v1.BarrierRequest\x1a\x18.psrt.v1.BarrierResponse\x12\x39\n\x06\x43ommit\x12\x16.psrt.v1.CommitRequest\x1a\x17.psrt.v1.CommitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pserver/psrt.proto\x12\x07psrt.v1\"%\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\"K\n\x0bPullRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x12\n\ntrainer_id\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"-\n\x0cPullResponse\x12\x1d\n\x04rows\x18\x01 \x01(\x0b\x32\x0f.psrt.v1.Tensor\"k\n\x0bPushRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x1e\n\x05grads\x18\x03 \x01(\x0b\x32\x0f.psrt.v1.Tensor\x12\x12\n\ntrainer_id\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\"%\n\x0cPushResponse\x12\x15\n\rapplied_steps\x18\x01 \x01(\x03\"C\n\x10\x44\x65nsePullRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x12\n\ntrainer_id\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"4\n\x11\x44\x65nsePullResponse\x12\x1f\n\x06values\x18\x01 \x03(\x0b\x32\x0f.psrt.v1.Tensor\"c\n\x10\x44\x65nsePushRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x1e\n\x05grads\x18\x02 \x03(\x0b\x32\x0f.psrt.v1.Tensor\x12\x12\n\ntrainer_id\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"*\n\x11\x44\x65nsePushResponse\x12\x15\n\rapplied_steps\x18\x01 \x01(\x03\"\r\n\x0bInfoRequest\"^\n\tTableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x11\n\toptimizer\x18\x04 \x01(\t\x12\x15\n\rapplied_steps\x18\x05 \x01(\x03\"R\n\tDenseInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\toptimizer\x18\x03 \x01(\t\x12\x15\n\rapplied_steps\x18\x04 \x01(\x03\"\xbb\x01\n\x0cInfoResponse\x12\x12\n\npserver_id\x18\x01 \x01(\x05\x12\x14\n\x0cnum_pservers\x18\x02 \x01(\x05\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x14\n\x0cnum_trainers\x18\x04 \x01(\x05\x12\x16\n\x0evirtual_shards\x18\x05 \x01(\x05\x12\"\n\x06tables\x18\x06 \x03(\x0b\x32\x12.psrt.v1.TableInfo\x12!\n\x05\x64\x65nse\x18\x07 \x03(\x0b\x32\x12.psrt.v1.DenseInfo\"&\n\x08TableIds\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"f\n\x10PullBatchRequest\x12!\n\x06tables\x18\x01 \x03(\x0b\x32\x11.psrt.v1.TableIds\x12\r\n\x05\x64\x65nse\x18\x02 \x03(\t\x12\x12\n\ntrainer_id\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"R\n\x11PullBatchResponse\x12\x1d\n\x04rows\x18\x01 \x03(\x0b\x32\x0f.psrt.v1.Tensor\x12\x1e\n\x05\x64\x65nse\x18\x02 \x03(\x0b\x32\x0f.psrt.v1.Tensor\"H\n\nTableGrads\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\x12\x1e\n\x05grads\x18\x03 \x01(\x0b\x32\x0f.psrt.v1.Tensor\"\x8e\x01\n\x10PushBatchRequest\x12#\n\x06tables\x18\x01 \x03(\x0b\x32\x13.psrt.v1.TableGrads\x12\r\n\x05\x64\x65nse\x18\x02 \x03(\t\x12$\n\x0b\x64\x65nse_grads\x18\x03 \x03(\x0b\x32\x0f.psrt.v1.Tensor\x12\x12\n\ntrainer_id\x18\x04 \x01(\x05\x12\x0c\n\x04step\x18\x05 \x01(\x03\"*\n\x11PushBatchResponse\x12\x15\n\rapplied_steps\x18\x01 \x01(\x03\"\"\n\x10SaveShardRequest\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"!\n\x11SaveShardResponse\x12\x0c\n\x04part\x18\x01 \x01(\t\"8\n\x0bJoinRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"\x1e\n\x0cJoinResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"2\n\x0cReadyRequest\x12\x12\n\npserver_id\x18\x01 \x01(\x05\x12\x0e\n\x06serial\x18\x02 \x01(\x03\"\x0f\n\rReadyResponse\"k\n\x0e\x42\x61rrierRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\x05\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x03\x12\x10\n\x08\x65poch_id\x18\x03 \x01(\x03\x12\x0f\n\x07step_id\x18\x04 \x01(\x03\x12\r\n\x05\x66inal\x18\x05 \x01(\x08\"!\n\x0f\x42\x61rrierResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\"A\n\rCommitRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\x05\x12\x0e\n\x06serial\x18\x02 \x01(\x03\x12\x0c\n\x04part\x18\x03 \x01(\t\" \n\x0e\x43ommitResponse\x12\x0e\n\x06serial\x18\x01 \x01(\x03\x32\x84\x04\n\x0fParameterServer\x12\x33\n\x04Pull\x12\x14.psrt.v1.PullRequest\x1a\x15.psrt.v1.PullResponse\x12\x33\n\x04Push\x12\x14.psrt.v1.PushRequest\x1a\x15.psrt.v1.PushResponse\x12\x42\n\tPullDense\x12\x19.psrt.v1.DensePullRequest\x1a\x1a.psrt.v1.DensePullResponse\x12\x42\n\tPushDense\x12\x19.psrt.v1.DensePushRequest\x1a\x1a.psrt.v1.DensePushResponse\x12\x33\n\x04Info\x12\x14.psrt.v1.InfoRequest\x1a\x15.psrt.v1.InfoResponse\x12\x42\n\tPullBatch\x12\x19.psrt.v1.PullBatchRequest\x1a\x1a.psrt.v1.PullBatchResponse\x12\x42\n\tPushBatch\x12\x19.psrt.v1.PushBatchRequest\x1a\x1a.psrt.v1.PushBatchResponse\x12\x42\n\tSaveShard\x12\x19.psrt.v1.SaveShardRequest\x1a\x1a.psrt.v1.SaveShardResponse2\xf3\x01\n\x0b\x43oordinator\x12\x33\n\x04Join\x12\x14.psrt.v1.JoinRequest\x1a\x15.psrt.v1.JoinResponse\x12\x36\n\x05Ready\x12\x15.psrt.v1.ReadyRequest\x1a\x16.psrt.v1.ReadyResponse\x12<\n\x07\x42\x61rrier\x12\x17.psrt.v1.BarrierRequest\x1a\x18.psrt.v1.BarrierResponse\x12\x39\n\x06\x43ommit\x12\x16.psrt.v1.CommitRequest\x1a\x17.psrt.v1.CommitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,28 +57,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DENSEINFO']._serialized_end=803
   _globals['_INFORESPONSE']._serialized_start=806
   _globals['_INFORESPONSE']._serialized_end=993
-  _globals['_SAVESHARDREQUEST']._serialized_start=995
-  _globals['_SAVESHARDREQUEST']._serialized_end=1029
-  _globals['_SAVESHARDRESPONSE']._serialized_start=1031
-  _globals['_SAVESHARDRESPONSE']._serialized_end=1064
-  _globals['_JOINREQUEST']._serialized_start=1066
-  _globals['_JOINREQUEST']._serialized_end=1122
-  _globals['_JOINRESPONSE']._serialized_start=1124
-  _globals['_JOINRESPONSE']._serialized_end=1154
-  _globals['_READYREQUEST']._serialized_start=1156
-  _globals['_READYREQUEST']._serialized_end=1206
-  _globals['_READYRESPONSE']._serialized_start=1208
-  _globals['_READYRESPONSE']._serialized_end=1223
-  _globals['_BARRIERREQUEST']._serialized_start=1225
-  _globals['_BARRIERREQUEST']._serialized_end=1332
-  _globals['_BARRIERRESPONSE']._serialized_start=1334
-  _globals['_BARRIERRESPONSE']._serialized_end=1367
-  _globals['_COMMITREQUEST']._serialized_start=1369
-  _globals['_COMMITREQUEST']._serialized_end=1434
-  _globals['_COMMITRESPONSE']._serialized_start=1436
-  _globals['_COMMITRESPONSE']._serialized_end=1468
-  _globals['_PARAMETERSERVER']._serialized_start=1471
-  _globals['_PARAMETERSERVER']._serialized_end=1851
-  _globals['_COORDINATOR']._serialized_start=1854
-  _globals['_COORDINATOR']._serialized_end=2097
+  _globals['_TABLEIDS']._serialized_start=995
+  _globals['_TABLEIDS']._serialized_end=1033
+  _globals['_PULLBATCHREQUEST']._serialized_start=1035
+  _globals['_PULLBATCHREQUEST']._serialized_end=1137
+  _globals['_PULLBATCHRESPONSE']._serialized_start=1139
+  _globals['_PULLBATCHRESPONSE']._serialized_end=1221
+  _globals['_TABLEGRADS']._serialized_start=1223
+  _globals['_TABLEGRADS']._serialized_end=1295
+  _globals['_PUSHBATCHREQUEST']._serialized_start=1298
+  _globals['_PUSHBATCHREQUEST']._serialized_end=1440
+  _globals['_PUSHBATCHRESPONSE']._serialized_start=1442
+  _globals['_PUSHBATCHRESPONSE']._serialized_end=1484
+  _globals['_SAVESHARDREQUEST']._serialized_start=1486
+  _globals['_SAVESHARDREQUEST']._serialized_end=1520
+  _globals['_SAVESHARDRESPONSE']._serialized_start=1522
+  _globals['_SAVESHARDRESPONSE']._serialized_end=1555
+  _globals['_JOINREQUEST']._serialized_start=1557
+  _globals['_JOINREQUEST']._serialized_end=1613
+  _globals['_JOINRESPONSE']._serialized_start=1615
+  _globals['_JOINRESPONSE']._serialized_end=1645
+  _globals['_READYREQUEST']._serialized_start=1647
+  _globals['_READYREQUEST']._serialized_end=1697
+  _globals['_READYRESPONSE']._serialized_start=1699
+  _globals['_READYRESPONSE']._serialized_end=1714
+  _globals['_BARRIERREQUEST']._serialized_start=1716
+  _globals['_BARRIERREQUEST']._serialized_end=1823
+  _globals['_BARRIERRESPONSE']._serialized_start=1825
+  _globals['_BARRIERRESPONSE']._serialized_end=1858
+  _globals['_COMMITREQUEST']._serialized_start=1860
+  _globals['_COMMITREQUEST']._serialized_end=1925
+  _globals['_COMMITRESPONSE']._serialized_start=1927
+  _globals['_COMMITRESPONSE']._serialized_end=1959
+  _globals['_PARAMETERSERVER']._serialized_start=1962
+  _globals['_PARAMETERSERVER']._serialized_end=2478
+  _globals['_COORDINATOR']._serialized_start=2481
+  _globals['_COORDINATOR']._serialized_end=2724
 # @@protoc_insertion_point(module_scope)

@@ -134,6 +134,64 @@ class InfoResponse(_message.Message):
     dense: _containers.RepeatedCompositeFieldContainer[DenseInfo]
     def __init__(self, pserver_id: _Optional[int] = ..., num_pservers: _Optional[int] = ..., mode: _Optional[str] = ..., num_trainers: _Optional[int] = ..., virtual_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[DenseInfo, _Mapping]]] = ...) -> None: ...
 
+class TableIds(_message.Message):
+    __slots__ = ("table", "ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class PullBatchRequest(_message.Message):
+    __slots__ = ("tables", "dense", "trainer_id", "step")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableIds]
+    dense: _containers.RepeatedScalarFieldContainer[str]
+    trainer_id: int
+    step: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableIds, _Mapping]]] = ..., dense: _Optional[_Iterable[str]] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PullBatchResponse(_message.Message):
+    __slots__ = ("rows", "dense")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[Tensor]
+    dense: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, rows: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class TableGrads(_message.Message):
+    __slots__ = ("table", "ids", "grads")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    grads: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushBatchRequest(_message.Message):
+    __slots__ = ("tables", "dense", "dense_grads", "trainer_id", "step")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_GRADS_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedCompositeFieldContainer[TableGrads]
+    dense: _containers.RepeatedScalarFieldContainer[str]
+    dense_grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    trainer_id: int
+    step: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableGrads, _Mapping]]] = ..., dense: _Optional[_Iterable[str]] = ..., dense_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., trainer_id: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PushBatchResponse(_message.Message):
+    __slots__ = ("applied_steps",)
+    APPLIED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    applied_steps: int
+    def __init__(self, applied_steps: _Optional[int] = ...) -> None: ...
+
 class SaveShardRequest(_message.Message):
     __slots__ = ("serial",)
     SERIAL_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,16 @@ class ParameterServerStub:
                 request_serializer=pserver_dot_psrt__pb2.InfoRequest.SerializeToString,
                 response_deserializer=pserver_dot_psrt__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.PullBatch = channel.unary_unary(
+                '/psrt.v1.ParameterServer/PullBatch',
+                request_serializer=pserver_dot_psrt__pb2.PullBatchRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.PullBatchResponse.FromString,
+                _registered_method=True)
+        self.PushBatch = channel.unary_unary(
+                '/psrt.v1.ParameterServer/PushBatch',
+                request_serializer=pserver_dot_psrt__pb2.PushBatchRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.PushBatchResponse.FromString,
+                _registered_method=True)
         self.SaveShard = channel.unary_unary(
                 '/psrt.v1.ParameterServer/SaveShard',
                 request_serializer=pserver_dot_psrt__pb2.SaveShardRequest.SerializeToString,
@@ -99,6 +109,18 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SaveShard(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,6 +154,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=pserver_dot_psrt__pb2.InfoRequest.FromString,
                     response_serializer=pserver_dot_psrt__pb2.InfoResponse.SerializeToString,
+            ),
+            'PullBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullBatch,
+                    request_deserializer=pserver_dot_psrt__pb2.PullBatchRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.PullBatchResponse.SerializeToString,
+            ),
+            'PushBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushBatch,
+                    request_deserializer=pserver_dot_psrt__pb2.PushBatchRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.PushBatchResponse.SerializeToString,
             ),
             'SaveShard': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveShard,
@@ -274,6 +306,60 @@ class ParameterServer:
             '/psrt.v1.ParameterServer/Info',
             pserver_dot_psrt__pb2.InfoRequest.SerializeToString,
             pserver_dot_psrt__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.ParameterServer/PullBatch',
+            pserver_dot_psrt__pb2.PullBatchRequest.SerializeToString,
+            pserver_dot_psrt__pb2.PullBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.ParameterServer/PushBatch',
+            pserver_dot_psrt__pb2.PushBatchRequest.SerializeToString,
+            pserver_dot_psrt__pb2.PushBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,22 @@ class Servicer:
                    for n, v in s.dense.items()],
         )
 
+    def PullBatch(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
+        tables, dense, trainer_id, step = codec.decode_pull_batch(raw)
+        for name, ids in tables:
+            self._check_answer_size(name, len(ids))
+        rows, values = self.shard.pull_batch(tables, dense, trainer_id, step,
+                                             _remaining(ctx, self.default_wait))
+        return codec.encode_pull_batch_response(rows, values)
+
+    def PushBatch(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
+        tables, dense, dense_grads, trainer_id, step = codec.decode_push_batch(raw)
+        sparse = [(n, ids, g.array(raw, f"PushBatch: grads of {n!r}")) for n, ids, g in tables]
+        grads = [g.array(raw, f"PushBatch: dense_grads[{i}]") for i, g in enumerate(dense_grads)]
+        applied = self.shard.push_batch(sparse, dense, grads, trainer_id, step,
+                                        _remaining(ctx, self.default_wait))
+        return codec.encode_push_response(applied)
+
     def SaveShard(self, req: pb.SaveShardRequest, ctx: grpc.ServicerContext) -> Any:
         ck = self.shard.config.checkpoint
         if ck is None:
@@ -98,7 +114,7 @@ class Servicer:
 
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)
-        bulk = name in ("Pull", "Push")
+        bulk = name in ("Pull", "Push", "PullBatch", "PushBatch")
 
         def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
             try:
@@ -121,6 +137,7 @@ class Servicer:
         methods = {
             "Pull": pb.PullRequest, "Push": pb.PushRequest, "PullDense": pb.DensePullRequest,
             "PushDense": pb.DensePushRequest, "Info": pb.InfoRequest,
+            "PullBatch": pb.PullBatchRequest, "PushBatch": pb.PushBatchRequest,
             "SaveShard": pb.SaveShardRequest,
         }
         handlers = {

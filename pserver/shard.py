@@ -98,19 +98,40 @@ class Shard:
 
     # ---- sparse -------------------------------------------------------------
 
+    def _wait(self, names: list[str], trainer_id: int, step: int, timeout: float,
+              where: str) -> None:
+        """Sync mode: block until every step before `step` of these variables is applied."""
+        if not (self.sync and step > 0):
+            return
+        self.check_trainer(trainer_id, where)
+        deadline = time.monotonic() + timeout
+        for n in names:
+            self.gates[n].wait_for(step, deadline - time.monotonic(), where,
+                                   self.config.num_trainers)
+
     def pull(self, name: str, ids: np.ndarray, trainer_id: int = 0, step: int = 0,
              timeout: float = 60.0) -> np.ndarray:
-        where = "Pull"
-        table = self.table(name, where)
-        self.check_owner(ids, where)
-        if self.sync and step > 0:
-            self.check_trainer(trainer_id, where)
-            self.gates[name].wait_for(step, timeout, where, self.config.num_trainers)
-        return table.pull(ids)
+        return self.pull_batch([(name, ids)], [], trainer_id, step, timeout, "Pull")[0][0]
 
-    def push(self, name: str, ids: np.ndarray, grads: np.ndarray, trainer_id: int = 0,
-             step: int = 0, timeout: float = 60.0) -> int:
-        where = "Push"
+    def pull_batch(self, tables: list[tuple[str, np.ndarray]], dense: list[str],
+                   trainer_id: int = 0, step: int = 0, timeout: float = 60.0,
+                   where: str = "PullBatch") -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Rows of several tables and dense values; everything is checked before any row
+        is created."""
+        found = [self.table(name, where) for name, _ in tables]
+        for _, ids in tables:
+            self.check_owner(ids, where)
+        variables = [self.variable(n, where) for n in dense]
+        self._wait([n for n, _ in tables] + list(dense), trainer_id, step, timeout, where)
+        return [t.pull(ids) for t, (_, ids) in zip(found, tables, strict=True)], \
+            [v.pull() for v in variables]
+
+    def pull_dense(self, names: list[str], trainer_id: int = 0, step: int = 0,
+                   timeout: float = 60.0) -> list[np.ndarray]:
+        return self.pull_batch([], names, trainer_id, step, timeout, "PullDense")[1]
+
+    def _check_sparse(self, name: str, ids: np.ndarray, grads: np.ndarray,
+                      where: str) -> SparseTable:
         table = self.table(name, where)
         if grads.ndim != 2 or grads.shape[0] != len(ids):
             raise InvalidArgument(f"{where}: {len(ids)} ids need gradients of shape "
@@ -120,35 +141,10 @@ class Shard:
                                   f"of dim {grads.shape[1]}")
         check_finite(grads, where)
         self.check_owner(ids, where)
-        self.check_trainer(trainer_id, where)
-        if not self.sync:
-            table.push(ids, grads)
-            return 0
+        return table
 
-        def apply(parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
-            # table.push sums an id's gradients left to right: in trainer-id order here
-            table.push(np.concatenate([p[0] for p in parts]),
-                       np.concatenate([p[1] for p in parts]))
-
-        return self._sync_push(name, (ids, grads), trainer_id, step, timeout, where, apply)
-
-    # ---- dense --------------------------------------------------------------
-
-    def pull_dense(self, names: list[str], trainer_id: int = 0, step: int = 0,
-                   timeout: float = 60.0) -> list[np.ndarray]:
-        where = "PullDense"
-        variables = [self.variable(n, where) for n in names]
-        if self.sync and step > 0:
-            self.check_trainer(trainer_id, where)
-            deadline = time.monotonic() + timeout
-            for n in names:
-                self.gates[n].wait_for(step, deadline - time.monotonic(), where,
-                                       self.config.num_trainers)
-        return [v.pull() for v in variables]
-
-    def push_dense(self, names: list[str], grads: list[np.ndarray], trainer_id: int = 0,
-                   step: int = 0, timeout: float = 60.0) -> int:
-        where = "PushDense"
+    def _check_dense(self, names: list[str], grads: list[np.ndarray],
+                     where: str) -> list[DenseVariable]:
         if len(names) != len(grads):
             raise InvalidArgument(f"{where}: {len(names)} names but {len(grads)} gradients")
         if len(set(names)) != len(names):
@@ -159,15 +155,43 @@ class Shard:
                 raise InvalidArgument(f"{where}: variable {n!r} has shape {list(v.shape)}, got "
                                       f"gradients of shape {list(g.shape)}")
             check_finite(g, f"{where}: variable {n!r}")
+        return variables
+
+    def push(self, name: str, ids: np.ndarray, grads: np.ndarray, trainer_id: int = 0,
+             step: int = 0, timeout: float = 60.0) -> int:
+        return self.push_batch([(name, ids, grads)], [], [], trainer_id, step, timeout, "Push")
+
+    def push_dense(self, names: list[str], grads: list[np.ndarray], trainer_id: int = 0,
+                   step: int = 0, timeout: float = 60.0) -> int:
+        return self.push_batch([], names, grads, trainer_id, step, timeout, "PushDense")
+
+    def push_batch(self, tables: list[tuple[str, np.ndarray, np.ndarray]], dense: list[str],
+                   dense_grads: list[np.ndarray], trainer_id: int = 0, step: int = 0,
+                   timeout: float = 60.0, where: str = "PushBatch") -> int:
+        """Gradients of several tables and dense variables, checked as a whole first: a
+        rejected push changes nothing."""
+        found = [self._check_sparse(n, ids, g, where) for n, ids, g in tables]
+        if len({n for n, _, _ in tables}) != len(tables):
+            raise InvalidArgument(f"{where}: a table is named twice")
+        variables = self._check_dense(list(dense), list(dense_grads), where)
         self.check_trainer(trainer_id, where)
         if not self.sync:
-            for v, g in zip(variables, grads, strict=True):
+            for t, (_, ids, g) in zip(found, tables, strict=True):
+                t.push(ids, g)
+            for v, g in zip(variables, dense_grads, strict=True):
                 v.push(g)
             return 0
-        for n in names:
+        for n in [n for n, _, _ in tables] + list(dense):
             self._check_step(self.gates[n], trainer_id, step, where)
         applied = 0
-        for n, v, g in zip(names, variables, grads, strict=True):
+        # a step's parts are applied once all T are in; table.push sums an id's
+        # gradients left to right, so in trainer-id order here
+        for t, (n, ids, g) in zip(found, tables, strict=True):
+            applied = self._sync_push(n, (ids, g), trainer_id, step, timeout, where,
+                                      lambda parts, t=t: t.push(
+                                          np.concatenate([p[0] for p in parts]),
+                                          np.concatenate([p[1] for p in parts])))
+        for n, v, g in zip(dense, variables, dense_grads, strict=True):
             applied = self._sync_push(n, g, trainer_id, step, timeout, where,
                                       lambda parts, v=v: v.push(_sum_in_order(parts)))
         return applied

@@ -29,7 +29,8 @@ from pserver.sharding import owner
 from pserver.wire import encode_ids, encode_tensor
 from tests.conftest import Cluster, job
 
-METHODS = ("Pull", "Push", "PullDense", "PushDense", "Info")
+METHODS = ("Pull", "Push", "PullDense", "PushDense", "Info", "PullBatch", "PushBatch",
+           "SaveShard")
 V = 1024  # job.virtual_shards default
 _ALL = np.arange(2000, dtype=np.uint64)
 _OWNERS = owner(_ALL, 2, V)
@@ -72,6 +73,20 @@ def dense_push_req(grads: dict[str, pb.Tensor], trainer_id: int = 0, step: int =
 
 def dense_pull_req(names: list[str], trainer_id: int = 0, step: int = 0) -> bytes:
     return pb.DensePullRequest(names=names, trainer_id=trainer_id, step=step).SerializeToString()
+
+
+def pull_batch_req(tables: list[tuple[str, np.ndarray]], dense: tuple[str, ...] = (),
+                   step: int = 0) -> bytes:
+    return pb.PullBatchRequest(tables=[pb.TableIds(table=t, ids=encode_ids(i)) for t, i in tables],
+                               dense=list(dense), step=step).SerializeToString()
+
+
+def push_batch_req(tables: list[tuple[str, np.ndarray, pb.Tensor]],
+                   dense: dict[str, pb.Tensor] | None = None, step: int = 1) -> bytes:
+    return pb.PushBatchRequest(
+        tables=[pb.TableGrads(table=t, ids=encode_ids(i), grads=g) for t, i, g in tables],
+        dense=list(dense or {}), dense_grads=list((dense or {}).values()),
+        step=step).SerializeToString()
 
 
 def nan_at(shape: list[int], value: float, index: tuple[int, ...]) -> pb.Tensor:
@@ -339,6 +354,35 @@ CASES = [
     # bytes that do not parse as the request
     *[Case(f"{m}-garbage", m, lambda r: b"\xff\xff\xff\xff", INVALID,
            (m, "do not parse", "Request")) for m in METHODS],
+    # a batch is checked as a whole: one bad part and nothing at all is applied or created
+    Case("pull-batch-second-table-unknown", "PullBatch",
+         lambda r: pull_batch_req([("emb", FRESH), ("nope", FRESH)]), NOT_FOUND,
+         ("PullBatch", "unknown table 'nope'")),
+    Case("pull-batch-dense-unknown", "PullBatch",
+         lambda r: pull_batch_req([("emb", FRESH)], ("w", "nope")), NOT_FOUND,
+         ("PullBatch", "unknown dense variable 'nope'")),
+    Case("push-batch-second-table-unknown", "PushBatch",
+         lambda r: push_batch_req([("emb", FRESH, tensor([2, 8])),
+                                   ("nope", FRESH, tensor([2, 8]))]), NOT_FOUND,
+         ("PushBatch", "unknown table 'nope'")),
+    Case("push-batch-table-twice", "PushBatch",
+         lambda r: push_batch_req([("emb", FRESH, tensor([2, 8])),
+                                   ("emb", FRESH, tensor([2, 8]))]), INVALID,
+         ("PushBatch", "named twice")),
+    Case("push-batch-dense-nan", "PushBatch",
+         lambda r: push_batch_req([("emb", FRESH, tensor([2, 8]))],
+                                  {"w": tensor([4, 3]), "b": nan_at([3], float("nan"), (1,))}),
+         INVALID, ("PushBatch", "'b'", "NaN or Inf")),
+    Case("push-batch-names-and-grads-differ", "PushBatch",
+         lambda r: pb.PushBatchRequest(dense=["w", "b"], dense_grads=[tensor([4, 3])],
+                                       step=1).SerializeToString(), INVALID,
+         ("PushBatch", "2 names but 1 gradients")),
+    Case("push-batch-step-applied", "PushBatch",
+         lambda r: push_batch_req([("emb", FRESH, tensor([2, 8]))], step=0), PRECONDITION,
+         ("PushBatch", "step 0", "already applied")),
+    Case("pull-batch-wrong-owner", "PullBatch",
+         lambda r: pull_batch_req([("emb", FRESH), ("emb", OWN1[:1])]), INVALID,
+         ("PullBatch", f"id {int(OWN1[0])} belongs to pserver 1"), pservers=2),
 ]
 
 

@@ -64,3 +64,39 @@ def test_garbage_raises_decode_error(raw: bytes) -> None:
         codec.decode_pull_request(raw)
     with pytest.raises(InvalidArgument):
         codec.decode_push_request(raw)
+
+
+def test_batch_messages_match_protobuf_both_ways() -> None:
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(0, 2**64 - 1, n, dtype=np.uint64) for n in (5, 0, 3)]
+    names = ["emb_0", "wide", "x"]
+    tables = list(zip(names, ids, strict=True))
+    raw = codec.encode_pull_batch_request(tables, ["w", "b"], 1, 7)
+    assert raw == pb.PullBatchRequest(
+        tables=[pb.TableIds(table=n, ids=i.tobytes()) for n, i in tables], dense=["w", "b"],
+        trainer_id=1, step=7).SerializeToString()
+    got, dense, trainer, step = codec.decode_pull_batch(raw)
+    assert [n for n, _ in got] == names and dense == ["w", "b"] and (trainer, step) == (1, 7)
+    assert all(np.array_equal(a, b) for (_, a), b in zip(got, ids, strict=True))
+    rows = [rng.standard_normal((len(i), 4)).astype(np.float32) for i in ids]
+    values = [rng.standard_normal((3, 2)).astype(np.float32), np.zeros(1, np.float32)]
+    raw = codec.encode_pull_batch_response(rows, values)
+    assert raw == pb.PullBatchResponse(rows=[encode_tensor(r) for r in rows],
+                                       dense=[encode_tensor(v) for v in values]
+                                       ).SerializeToString()
+    views, dense_views = codec.decode_pull_batch_response(raw)
+    for v, r in zip([*views, *dense_views], [*rows, *values], strict=True):
+        assert np.array_equal(v.array(raw, "t"), r) and v.array(raw, "t").shape == r.shape
+    grads = [(n, i, rng.standard_normal((len(i), 3)).astype(np.float32)) for n, i in tables]
+    dense_grads = [("w", values[0]), ("b", values[1])]
+    raw = codec.encode_push_batch_request(grads, dense_grads, 2, 9)
+    assert raw == pb.PushBatchRequest(
+        tables=[pb.TableGrads(table=n, ids=i.tobytes(), grads=encode_tensor(g))
+                for n, i, g in grads], dense=["w", "b"],
+        dense_grads=[encode_tensor(g) for _, g in dense_grads], trainer_id=2,
+        step=9).SerializeToString()
+    t, dn, dg, trainer, step = codec.decode_push_batch(raw)
+    assert [x[0] for x in t] == names and dn == ["w", "b"] and (trainer, step) == (2, 9)
+    for (_, i, g), (_, ei, eg) in zip(t, grads, strict=True):
+        assert np.array_equal(i, ei) and np.array_equal(g.array(raw, "g"), eg)
+    assert np.array_equal(dg[0].array(raw, "d"), values[0])
