@@ -17,7 +17,7 @@ import numpy as np
 from pserver import codec
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
-from pserver.dedup import dedup, sum_duplicates
+from pserver.dedup import Groups, dedup, group, sum_duplicates
 from pserver.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
 from pserver.server import channel_options
 from pserver.servicer import SERVICE
@@ -219,21 +219,29 @@ class PSClient:
         return lambda: min((self._result(f, p, "PushDense").applied_steps for p, f in futs),
                            default=0)
 
-    def pull_all(self, ids: Mapping[str, np.ndarray],
+    def plan(self, ids: Mapping[str, np.ndarray]) -> dict[str, tuple[Groups, list]]:
+        """Dedup and split the ids of one step, once, for `pull_all` and `push_many`."""
+        out = {}
+        for t, x in ids.items():
+            self.dim(t)
+            g = group(np.asarray(x, dtype=np.uint64).ravel())
+            out[t] = (g, self._split(g.uniq))
+        return out
+
+    def pull_all(self, plan: Mapping[str, tuple[Groups, list]],
                  step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Rows of several tables and every dense variable: one PullBatch per pserver."""
-        plan = {t: self._plan(t, x) for t, x in ids.items()}
+        """Rows (in request order) of the planned tables and every dense variable: one
+        PullBatch per pserver."""
         dense = self._dense_by_pserver(self._dense)
         futs = []
         for p in range(len(self.addresses)):
-            tables = [(t, uniq[parts[p]]) for t, (uniq, _, parts) in plan.items()
-                      if len(parts[p])]
+            tables = [(t, g.uniq[parts[p]]) for t, (g, parts) in plan.items() if len(parts[p])]
             names = dense.get(p, [])
             if tables or names:
                 req = codec.encode_pull_batch_request(tables, names, self.trainer_id, step)
                 futs.append((p, tables, names, self._call(p, "PullBatch", req)))
-        rows = {t: np.empty((len(uniq), self.dim(t)), dtype=np.float32)
-                for t, (uniq, _, _) in plan.items()}
+        rows = {t: np.empty((len(g.uniq), self.dim(t)), dtype=np.float32)
+                for t, (g, _) in plan.items()}
         values = {}
         for p, tables, names, fut in futs:
             raw = self._result(fut, p, "PullBatch")
@@ -243,34 +251,27 @@ class PSClient:
                 if arr.shape != (len(sub), self.dim(t)):
                     raise InvalidArgument(f"PullBatch: pserver[{p}] answered shape "
                                           f"{list(arr.shape)} for {t!r}")
-                rows[t][plan[t][2][p]] = arr
+                rows[t][plan[t][1][p]] = arr
             for n, view in zip(names, dense_views, strict=True):
                 values[n] = view.array(raw, f"PullBatch answer for {n!r}").copy()
-        out = {t: rows[t] if inverse is None else np.take(rows[t], inverse, axis=0)
-               for t, (_, inverse, _) in plan.items()}
-        return out, values
+        return {t: g.gather(rows[t]) for t, (g, _) in plan.items()}, values
 
-    def _plan(self, table: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list]:
-        self.dim(table)
-        uniq, inverse = dedup(np.asarray(ids, dtype=np.uint64).ravel())
-        return uniq, inverse, self._split(uniq)
-
-    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                  dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
-        """Gradients of several tables ({table: (ids, grads)}) and dense variables: one
-        PushBatch per pserver (in sync mode every pserver gets one, possibly empty)."""
+    def push_many(self, plan: Mapping[str, tuple[Groups, list]],
+                  grads: Mapping[str, np.ndarray], dense: Mapping[str, np.ndarray] | None = None,
+                  step: int = 0) -> int:
+        """Gradients of the planned tables (rows in request order; duplicates are summed
+        here, left to right) and of dense variables: one PushBatch per pserver (in sync
+        mode every pserver gets one, possibly empty)."""
         sync = self.config.mode == "sync"
         summed = {}
-        for t, (ids, g) in grads.items():
-            ids = np.asarray(ids, dtype=np.uint64).ravel()
-            g = np.asarray(g, dtype=np.float32)
-            dim = self.dim(t)
-            if g.shape != (len(ids), dim):
-                raise InvalidArgument(f"Push: table {t!r} has dim {dim}; {len(ids)} ids need "
-                                      f"gradients of shape {[len(ids), dim]}, "
-                                      f"got {list(g.shape)}")
-            uniq, total = sum_duplicates(ids, g)
-            summed[t] = (uniq, total, self._split(uniq))
+        for t, (g, parts) in plan.items():
+            rows = np.asarray(grads[t], dtype=np.float32)
+            n = len(g.uniq) if g.inverse is None else len(g.inverse)
+            if rows.shape != (n, self.dim(t)):
+                raise InvalidArgument(f"Push: table {t!r} has dim {self.dim(t)}; {n} ids need "
+                                      f"gradients of shape {[n, self.dim(t)]}, "
+                                      f"got {list(rows.shape)}")
+            summed[t] = (g.uniq, g.sum(rows), parts)
         by_pserver = self._dense_by_pserver(dense or {})
         futs = []
         for p in range(len(self.addresses)):

@@ -10,6 +10,8 @@ id's gradients: not on the batch, the pserver or the path taken.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pserver.sharding import fmix64
@@ -54,24 +56,57 @@ def _few_groups(keys: np.ndarray, srt: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return pos[order], first, group
 
 
+@dataclass
+class Groups:
+    """The distinct keys of a batch and where each came from, to gather rows back into
+    request order and to sum gradients per key without sorting again."""
+
+    uniq: np.ndarray  # distinct keys
+    inverse: np.ndarray | None  # uniq[inverse] == keys; None when keys were distinct
+    first: np.ndarray | None  # position of each distinct key's first appearance
+    later: np.ndarray | None  # positions of repeats, ascending
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of `uniq` back in request order."""
+        return rows if self.inverse is None else np.take(rows, self.inverse, axis=0)
+
+    def sum(self, grads: np.ndarray) -> np.ndarray:
+        """Gradients (request order) summed per distinct key, strictly left to right."""
+        if self.inverse is None:
+            return grads
+        out = np.take(grads, self.first, axis=0)
+        _add_in_order(out, self.inverse[self.later], np.take(grads, self.later, axis=0))
+        return out
+
+
+def group(keys: np.ndarray) -> Groups:
+    """Find the distinct keys: one `np.sort` when they are distinct or few repeat (then
+    distinct keys keep the order of first appearance), one stable argsort when many do
+    (then they come sorted)."""
+    srt, repeats = _sorted_repeats(keys)
+    if repeats == 0:
+        return Groups(keys, None, None, None)
+    if repeats > len(keys) // 8:
+        order, first, grp = _groups(keys)
+        inverse = np.empty(len(keys), dtype=np.int64)
+        inverse[order] = grp
+        firsts = order[first]
+        return Groups(keys[firsts], inverse, firsts, np.sort(order[~first]))
+    grouped, first, grp = _few_groups(keys, srt)
+    keep = np.ones(len(keys), dtype=bool)
+    later = np.sort(grouped[~first])
+    keep[later] = False
+    new_index = np.cumsum(keep) - 1
+    inverse = new_index.copy()
+    inverse[grouped] = new_index[grouped[first][grp]]
+    return Groups(keys[keep], inverse, np.flatnonzero(keep), later)
+
+
 def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(distinct keys, inverse) with `uniq[inverse] == keys`; inverse is None when the keys
     were distinct already (then uniq is keys itself)."""
-    srt, repeats = _sorted_repeats(keys)
-    if repeats == 0:
-        return keys, None
-    if repeats > len(keys) // 8:
-        order, first, group = _groups(keys)
-        inverse = np.empty(len(keys), dtype=np.int64)
-        inverse[order] = group
-        return keys[order[first]], inverse
-    grouped, first, group = _few_groups(keys, srt)
-    keep = np.ones(len(keys), dtype=bool)
-    keep[grouped[~first]] = False
-    new_index = np.cumsum(keep) - 1
-    inverse = new_index.copy()
-    inverse[grouped] = new_index[grouped[first][group]]
-    return keys[keep], inverse
+    g = group(keys)
+    return g.uniq, g.inverse
 
 
 def _add_in_order(out: np.ndarray, targets: np.ndarray, rows: np.ndarray) -> None:
@@ -87,24 +122,8 @@ def sum_duplicates(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.
     """(distinct keys, their summed gradients).
 
     A repeated key's gradients are added strictly left to right in the order they
-    appear (first + second + third ...), whichever way the repeats are found. When the
-    keys are distinct, the inputs come back as they are.
+    appear (first + second + third ...). When the keys are distinct, the inputs come
+    back as they are.
     """
-    srt, repeats = _sorted_repeats(keys)
-    if repeats == 0:
-        return keys, grads
-    if repeats > len(keys) // 8:
-        order, first, group = _groups(keys)
-        out = np.take(grads, order[first], axis=0)
-        # later occurrences, grouped by key and in appearance order within a key
-        _add_in_order(out, group[~first], grads[order[~first]])
-        return keys[order[first]], out
-    grouped, first, group = _few_groups(keys, srt)
-    keep = np.ones(len(keys), dtype=bool)
-    later = grouped[~first]
-    keep[later] = False
-    new_index = np.cumsum(keep) - 1
-    out = grads[keep]
-    target = new_index[grouped[first][group]]  # where each grouped position's sum lands
-    _add_in_order(out, target[~first], grads[later])
-    return keys[keep], out
+    g = group(keys)
+    return g.uniq, g.sum(grads)

@@ -59,14 +59,17 @@ class LocalClient:
         t.push(uniq, summed)
         return step + 1
 
-    def pull_all(self, ids: Mapping[str, np.ndarray],
-                 step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        return {t: self.pull(t, x) for t, x in ids.items()}, self.pull_dense()
+    def plan(self, ids: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {t: np.asarray(x, dtype=np.uint64).ravel() for t, x in ids.items()}
 
-    def push_many(self, grads: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    def pull_all(self, plan: Mapping[str, np.ndarray],
+                 step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return {t: self.pull(t, x) for t, x in plan.items()}, self.pull_dense()
+
+    def push_many(self, plan: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
                   dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:
-        for t, (ids, g) in grads.items():
-            self.push(t, ids, g, step)
+        for t, ids in plan.items():
+            self.push(t, ids, grads[t], step)
         if dense:
             self.push_dense(dense, step)
         return step + 1

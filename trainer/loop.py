@@ -133,27 +133,28 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------
 
-    def _pull(self, batch: Any, step: int) -> tuple[dict, dict, dict]:
-        """(ids, rows, dense values) of a batch: every pull in flight at once."""
+    def _pull(self, batch: Any, step: int) -> tuple[dict, Any, dict, dict]:
+        """(ids, plan, rows, dense values) of a batch: every pull in flight at once."""
         client = self.client
         ids = self.model.slot_ids(batch)
-        flat, params = client.pull_all({t: x.ravel() for t, x in ids.items()}, step=step)
+        plan = client.plan(ids)
+        flat, params = client.pull_all(plan, step=step)
         rows = {t: flat[t].reshape(x.shape + (client.dim(t),)) for t, x in ids.items()}
-        return ids, rows, params
+        return ids, plan, rows, params
 
     def step(self, batch: Any) -> float:
         """Train on one batch; returns its loss."""
         s = self.global_step if self.sync else 0
-        ids, rows, params = self._pull(batch, s)
+        ids, plan, rows, params = self._pull(batch, s)
         res = self.model.forward_backward(batch, rows, params)
         scale = np.float32(1.0 / self.job.num_trainers) if self.sync else np.float32(1.0)
 
         def scaled(g: np.ndarray) -> np.ndarray:
             return g * scale if scale != 1 else g
 
-        sparse = {t: (x.ravel(), scaled(res.row_grads[t].reshape(x.size, -1)))
-                  for t, x in ids.items()}
-        self.client.push_many(sparse, {n: scaled(g) for n, g in res.dense_grads.items()}, step=s)
+        sparse = {t: scaled(res.row_grads[t].reshape(x.size, -1)) for t, x in ids.items()}
+        self.client.push_many(plan, sparse, {n: scaled(g) for n, g in res.dense_grads.items()},
+                              step=s)
         self.global_step += 1
         return res.loss
 
@@ -170,7 +171,7 @@ class Trainer:
         bs = self.settings.eval_batch_size
         for lo in range(0, len(data), bs):
             batch = data.take(np.arange(lo, min(lo + bs, len(data))))
-            _, rows, params = self._pull(batch, s)
+            _, _, rows, params = self._pull(batch, s)
             probs.append(self.model.predict(batch, rows, params))
         p = np.concatenate(probs)
         return {"logloss": logloss(data.labels, p), "auc": auc(data.labels, p),
