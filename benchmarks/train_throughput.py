@@ -54,7 +54,7 @@ from _common import ROOT, wait_ready_file, workdir
 from pserver.table import SparseTable
 from trainer import data as tdata
 from trainer.datagen import GeneratorConfig, GroundTruth, generate
-from trainer.demo import DEMO_EXAMPLES, demo_job, dump_toml
+from trainer.demo import DEMO_DATA, DEMO_EXAMPLES, demo_job, dump_toml
 
 PROGRESS_RE = re.compile(r"(?P<role>trainer(?:\[\d+\])?) epoch (?P<epoch>\d+) step "
                          r"(?P<step>\d+)/(?P<steps>\d+) loss \S+ examples/s (?P<rate>\d+)")
@@ -535,7 +535,7 @@ def main() -> None:
     log_every = 20 if args.quick else 100
     t0 = time.perf_counter()
 
-    demo = make_data(wd / "demo", args.examples)
+    demo = make_data(wd / "demo", args.examples, DEMO_DATA)
     d = wd / "demo"
     jobs = {(p, t): write_job(d, f"demo-{p}x{t}", demo, p, t, args.epochs, log_every=log_every,
                               checkpoints=args.checkpoints)

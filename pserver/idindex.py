@@ -66,11 +66,12 @@ class IdIndex:
         if not missing.any():
             return rows, ids[:0]
         miss = ids[missing]
-        uniq, first = np.unique(miss, return_index=True)
-        new_ids = uniq[np.argsort(first, kind="stable")]
-        self.insert_new(new_ids)
-        rows[missing] = self.lookup(miss)
-        return rows, new_ids
+        uniq, first, inverse = np.unique(miss, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # new ids in order of first appearance
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[order] = np.arange(len(uniq))
+        rows[missing] = self.insert_new(uniq[order])[rank[inverse]]
+        return rows, uniq[order]
 
     def insert_new(self, ids: np.ndarray) -> np.ndarray:
         """Insert ids known to be absent and distinct; returns their row numbers."""

@@ -1,8 +1,9 @@
 """The built-in demo job: synthetic Criteo-format data and a job file for it.
 
-`prepare(workdir)` writes, once, `train.txt` and `train.holdout.txt` (from a
-hidden ground-truth model, `trainer.datagen`), `oracle.json` (the hidden
-model's own held-out AUC: the best achievable), and `job.toml`: 2 pservers and
+`prepare(workdir)` writes, once, `train.txt` and `train.holdout.txt` (600,000
+examples from a hidden ground-truth model, `trainer.datagen`, 10% held out),
+`oracle.json` (the hidden model's own held-out AUC: the best achievable), and
+`job.toml`: 2 pservers and
 2 trainers on loopback in sync mode, a small DeepFM, checkpoints in
 ./checkpoints.
 """
@@ -15,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import job_sections_for
-from trainer.datagen import generate
+from trainer.datagen import GeneratorConfig, generate
 from trainer.models import build_model
 
 log = logging.getLogger(__name__)
 
-DEMO_EXAMPLES = 300_000
+DEMO_EXAMPLES = 600_000
+# The demo's hidden model: 3,000 values per slot, so that 2 epochs of 540,000
+# examples can learn most of what the hidden model knows.
+DEMO_DATA = GeneratorConfig(vocab_size=3_000)
 MODEL = {"kind": "deepfm", "embedding_dim": 8, "slot_groups": 2, "hidden": [64, 32],
          "use_fm": True, "use_wide": True, "use_numeric": True}
 
@@ -39,7 +43,8 @@ def demo_job(train: str, holdout: str, num_pservers: int = 2, num_trainers: int 
                        "epoch_interval": 1, "step_interval": 100},
     }
     job.update(job_sections_for(build_model(model),
-                                table_opts={"optimizer": "adagrad", "learning_rate": 0.05},
+                                table_opts={"optimizer": "adagrad", "learning_rate": 0.05,
+                                            "initial_accumulator": 0.001},
                                 dense_opts={"optimizer": "adam", "learning_rate": 0.001}))
     return job
 
@@ -80,7 +85,8 @@ def prepare(workdir: Path, examples: int = DEMO_EXAMPLES) -> Path:
     oracle = workdir / "oracle.json"
     if not (train.exists() and holdout.exists() and oracle.exists()):
         log.info("demo: generating %d examples into %s", examples, workdir)
-        res = generate(train, examples, seed=0, holdout_fraction=0.1, holdout_path=holdout)
+        res = generate(train, examples, seed=0, holdout_fraction=0.1, holdout_path=holdout,
+                       config=DEMO_DATA)
         oracle.write_text(json.dumps({"oracle_auc": res.oracle_auc,
                                       "oracle_logloss": res.oracle_logloss}) + "\n")
     job = workdir / "job.toml"
