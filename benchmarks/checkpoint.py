@@ -8,7 +8,9 @@ the job's only trainer: barrier, its part, commit) and times it; then stops
 both pservers, evicts the files from the page cache, starts them again and
 times the restore (the coordinator's checksum verification plus each pserver's
 load). In the same run, on the same file system, it measures the disk: a
-sequential write of the same byte count with fsync, and a cold read of it.
+sequential write of the same byte count with fsync, and a cold read of it,
+right before the save and again after the restore (the mean of the two is the
+ceiling: this machine's disk speed swings a lot from minute to minute).
 The last line is JSON.
 """
 
@@ -123,6 +125,11 @@ def main() -> None:
     for lo in range(0, args.rows, 262_144):
         client.pull("emb", ids[lo:lo + 262_144], unique=True)
     print(f"filled {args.rows:,} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    # this kind of machine's disk speed swings from run to run (bursts, throttling):
+    # measure it right before the save and again after the restore, and use the mean
+    before = disk_ceiling(work, args.rows * (DIM * 8 + 24))
+    print(f"disk before: write+fsync {before[0]:.2f} GB/s, cold read {before[1]:.2f} GB/s",
+          flush=True)
     coord = CoordinatorClient(config)
     storage = LocalStorage(ckdir)
     assert coord.join_trainer(0) == -1
@@ -146,14 +153,18 @@ def main() -> None:
     restore_s = verify_s + max(loads)
     print(f"restored in {restore_s:.2f}s (verify {verify_s:.2f}s + load {max(loads):.2f}s; "
           f"process start to serving {restore_total_s:.2f}s)", flush=True)
-    write_gbps, read_gbps = disk_ceiling(work, nbytes)
-    print(f"disk: write+fsync {write_gbps:.2f} GB/s, cold read {read_gbps:.2f} GB/s", flush=True)
+    after = disk_ceiling(work, nbytes)
+    print(f"disk after: write+fsync {after[0]:.2f} GB/s, cold read {after[1]:.2f} GB/s",
+          flush=True)
+    write_gbps, read_gbps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
     save_gbps, restore_gbps = nbytes / save_s / 1e9, nbytes / restore_s / 1e9
     print(json.dumps({
         "rows": args.rows, "bytes": nbytes, "save_s": round(save_s, 3),
         "restore_s": round(restore_s, 3), "verify_s": round(verify_s, 3),
         "load_s": round(max(loads), 3), "restore_total_s": round(restore_total_s, 3),
         "disk_write_gbps": round(write_gbps, 3), "disk_read_gbps": round(read_gbps, 3),
+        "disk_write_gbps_before_after": [round(before[0], 3), round(after[0], 3)],
+        "disk_read_gbps_before_after": [round(before[1], 3), round(after[1], 3)],
         "save_vs_disk": round(save_gbps / write_gbps, 3),
         "restore_vs_disk": round(restore_gbps / read_gbps, 3),
     }))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 import grpc
 import numpy as np
 
-from pserver import codec
+from pserver import codec, malloc
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.dedup import Groups, dedup, group, sum_duplicates
@@ -42,6 +42,7 @@ class PSClient:
 
     def __init__(self, config: JobConfig, trainer_id: int = 0,
                  addresses: Iterable[str] | None = None) -> None:
+        malloc.tune()  # reuse message-sized buffers instead of page-faulting them anew
         self.config = config
         self.trainer_id = trainer_id
         self.addresses = list(addresses or config.pservers)

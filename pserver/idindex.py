@@ -87,12 +87,14 @@ class IdIndex:
         todo = np.arange(len(ids))
         while todo.size:
             free = np.flatnonzero(self._slots[slot, 1] == 0)
-            won_slots, first = np.unique(slot[free], return_index=True)
-            winners = free[first]
-            self._slots[won_slots, 0] = ids[todo[winners]]
-            self._slots[won_slots, 1] = tags[todo[winners]]
+            where, tag = slot[free], tags[todo[free]]
+            # every candidate writes its tag into its free slot; one write per slot stays,
+            # and reading back tells who got it (tags are distinct)
+            self._slots[where, 1] = tag
+            won = free[self._slots[where, 1] == tag]
+            self._slots[slot[won], 0] = ids[todo[won]]
             left = np.ones(len(todo), dtype=bool)
-            left[winners] = False
+            left[won] = False
             todo, slot = todo[left], (slot[left] + 1) & mask
 
     def _reserve(self, size: int) -> None:

@@ -17,7 +17,7 @@ from ckpt import reader
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
 from ckpt.storage import LocalStorage
-from pserver import persist
+from pserver import malloc, persist
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
 from pserver.coordinator import Coordinator
@@ -60,6 +60,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         raise ConfigError("--id", f"pserver id {pserver_id} is out of range "
                           f"0..{config.num_pservers - 1} (job.pservers has "
                           f"{config.num_pservers} addresses)")
+    malloc.tune()
     host, _, own_port = config.pservers[pserver_id].rpartition(":")
     port = int(own_port) if port is None else port
     shard = Shard(config, pserver_id)

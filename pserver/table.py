@@ -113,16 +113,26 @@ class SparseTable:
             return {name: arr[: self._size].copy() for name, arr in self._arrays.items()}
 
     def load(self, arrays: dict[str, np.ndarray]) -> None:
-        """Replace the contents with exported arrays (same names as `export`)."""
-        ids = np.asarray(arrays["ids"], dtype=np.uint64)
+        """Replace the contents with exported arrays (same names as `export`). Arrays that
+        are already contiguous and of the right type become the storage as they are (no
+        copy: a checkpoint's rows are page-faulted in once, by the read)."""
+        ids = np.ascontiguousarray(arrays["ids"], dtype=np.uint64)
+        n = len(ids)
         with self.lock:
-            self._index = IdIndex(2 * len(ids))
-            self._size = 0
-            self._alloc(max(16, len(ids)))
+            adopted = {}
+            for name, like in self.empty_arrays().items():
+                arr = arrays[name]
+                if arr.shape[1:] != like.shape[1:]:
+                    raise ValueError(f"table {self.spec.name!r}: {name} has shape "
+                                     f"{list(arr.shape)}, expected [{n}, "
+                                     f"{', '.join(map(str, like.shape[1:]))}]")
+                adopted[name] = np.require(arr, dtype=like.dtype, requirements=["C", "W"])
+            adopted["ids"] = np.require(ids, requirements=["C", "W"])
+            self._index = IdIndex(2 * n)
             self._index.insert_new(ids)
-            for name, arr in self._arrays.items():
-                arr[: len(ids)] = arrays[name]
-            self._size = len(ids)
+            self._arrays = adopted if n else {k: np.empty((16,) + v.shape[1:], v.dtype)
+                                              for k, v in adopted.items()}
+            self._size = n
 
 
 class DenseVariable:
