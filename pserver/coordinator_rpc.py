@@ -17,6 +17,7 @@ from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition, PsrtError, Unavailable, from_rpc_error, status_of
+from pserver.servicer import remaining as _remaining
 
 SERVICE = "psrt.v1.Coordinator"
 _METHODS = {
@@ -25,11 +26,6 @@ _METHODS = {
     "Barrier": (pb.BarrierRequest, pb.BarrierResponse),
     "Commit": (pb.CommitRequest, pb.CommitResponse),
 }
-
-
-def _remaining(ctx: grpc.ServicerContext, default: float) -> float:
-    left = ctx.time_remaining()
-    return default if left is None else max(0.0, left - 0.2)
 
 
 class CoordinatorServicer:

@@ -25,7 +25,7 @@ SERVICE = "psrt.v1.ParameterServer"
 log = logging.getLogger(__name__)
 
 
-def _remaining(context: grpc.ServicerContext, default: float) -> float:
+def remaining(context: grpc.ServicerContext, default: float) -> float:
     """Time left before the caller's deadline, less a margin so the answer arrives in time."""
     left = context.time_remaining()
     return default if left is None else max(0.0, left - 0.1)
@@ -43,7 +43,7 @@ class Servicer:
         req = codec.decode_pull_request(raw)
         self._check_answer_size(req.table, len(req.ids))
         rows = self.shard.pull(req.table, req.ids, req.trainer_id, req.step,
-                               _remaining(ctx, self.default_wait))
+                               remaining(ctx, self.default_wait))
         return codec.encode_pull_response(rows)
 
     def _check_answer_size(self, table: str, n: int) -> None:
@@ -61,18 +61,18 @@ class Servicer:
         req = codec.decode_push_request(raw)
         grads = req.grads.array(raw, "Push: grads")
         applied = self.shard.push(req.table, req.ids, grads, req.trainer_id, req.step,
-                                  _remaining(ctx, self.default_wait))
+                                  remaining(ctx, self.default_wait))
         return codec.encode_push_response(applied)
 
     def PullDense(self, req: pb.DensePullRequest, ctx: grpc.ServicerContext) -> Any:
         values = self.shard.pull_dense(list(req.names), req.trainer_id, req.step,
-                                       _remaining(ctx, self.default_wait))
+                                       remaining(ctx, self.default_wait))
         return pb.DensePullResponse(values=[encode_tensor(v) for v in values])
 
     def PushDense(self, req: pb.DensePushRequest, ctx: grpc.ServicerContext) -> Any:
         grads = [decode_tensor(t, f"PushDense: grads[{i}]") for i, t in enumerate(req.grads)]
         applied = self.shard.push_dense(list(req.names), grads, req.trainer_id, req.step,
-                                        _remaining(ctx, self.default_wait))
+                                        remaining(ctx, self.default_wait))
         return pb.DensePushResponse(applied_steps=applied)
 
     def Info(self, req: pb.InfoRequest, ctx: grpc.ServicerContext) -> pb.InfoResponse:
@@ -94,7 +94,7 @@ class Servicer:
         for name, ids in tables:
             self._check_answer_size(name, len(ids))
         rows, values = self.shard.pull_batch(tables, dense, trainer_id, step,
-                                             _remaining(ctx, self.default_wait))
+                                             remaining(ctx, self.default_wait))
         return codec.encode_pull_batch_response(rows, values)
 
     def PushBatch(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
@@ -102,7 +102,7 @@ class Servicer:
         sparse = [(n, ids, g.array(raw, f"PushBatch: grads of {n!r}")) for n, ids, g in tables]
         grads = [g.array(raw, f"PushBatch: dense_grads[{i}]") for i, g in enumerate(dense_grads)]
         applied = self.shard.push_batch(sparse, dense, grads, trainer_id, step,
-                                        _remaining(ctx, self.default_wait))
+                                        remaining(ctx, self.default_wait))
         return codec.encode_push_response(applied)
 
     def SaveShard(self, req: pb.SaveShardRequest, ctx: grpc.ServicerContext) -> Any:
