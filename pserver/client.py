@@ -263,6 +263,14 @@ class PSClient:
         """Gradients of the planned tables (rows in request order; duplicates are summed
         here, left to right) and of dense variables: one PushBatch per pserver (in sync
         mode every pserver gets one, possibly empty)."""
+        return self.start_push_many(plan, grads, dense, step)()
+
+    def start_push_many(self, plan: Mapping[str, tuple[Groups, list]],
+                        grads: Mapping[str, np.ndarray],
+                        dense: Mapping[str, np.ndarray] | None = None,
+                        step: int = 0) -> Callable[[], int]:
+        """`push_many` without waiting: returns a function that waits for the answers
+        (and raises the first error). A trainer can prepare its next batch meanwhile."""
         sync = self.config.mode == "sync"
         summed = {}
         for t, (g, parts) in plan.items():
@@ -282,7 +290,8 @@ class PSClient:
             if tables or names:
                 req = codec.encode_push_batch_request(tables, names, self.trainer_id, step)
                 futs.append((p, self._call(p, "PushBatch", req)))
-        return min((self._applied(self._result(f, p, "PushBatch")) for p, f in futs), default=0)
+        return lambda: min((self._applied(self._result(f, p, "PushBatch")) for p, f in futs),
+                           default=0)
 
     def info(self, pserver_id: int) -> pb.InfoResponse:
         fut = self._call(pserver_id, "Info", pb.InfoRequest())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import xxhash
 
 from pserver import initializers, optimizers
 from pserver.config import DenseSpec, TableSpec
@@ -18,6 +19,7 @@ from pserver.dedup import sum_duplicates
 from pserver.idindex import IdIndex
 
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
+_RECENT = 8  # remembered id -> row lookups per table
 
 
 class SparseTable:
@@ -30,6 +32,7 @@ class SparseTable:
         self._index = IdIndex(capacity * 2)
         self._layout = optimizers.state_layout(spec.optimizer, (spec.dim,))
         self._size = 0
+        self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._alloc(max(16, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -58,7 +61,23 @@ class SparseTable:
         return sum(a[: self._size].nbytes for a in self._arrays.values())
 
     def _rows_for(self, ids: np.ndarray) -> np.ndarray:
-        """Row numbers of `ids`, creating absent rows with their initial values."""
+        """Row numbers of `ids`, creating absent rows with their initial values.
+
+        The last few answers are remembered by the ids' checksum: a trainer pushes the very
+        ids it pulled, so the push's lookup is usually one comparison. Row numbers never
+        change (rows are only appended) until `load` clears the memory.
+        """
+        key = xxhash.xxh3_64_intdigest(memoryview(np.ascontiguousarray(ids)).cast("B"))
+        hit = self._recent.get(key)
+        if hit is not None and np.array_equal(hit[0], ids):
+            return hit[1]
+        rows = self._lookup_or_create(ids)
+        if len(self._recent) >= _RECENT:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = (ids.copy(), rows)
+        return rows
+
+    def _lookup_or_create(self, ids: np.ndarray) -> np.ndarray:
         rows, new_ids = self._index.get_or_insert(ids)
         if len(new_ids):
             start, end = self._size, self._size + len(new_ids)
@@ -130,6 +149,7 @@ class SparseTable:
             adopted["ids"] = np.require(ids, requirements=["C", "W"])
             self._index = IdIndex(2 * n)
             self._index.insert_new(ids)
+            self._recent.clear()
             self._arrays = adopted if n else {k: np.empty((16,) + v.shape[1:], v.dtype)
                                               for k, v in adopted.items()}
             self._size = n

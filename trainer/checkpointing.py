@@ -76,6 +76,7 @@ class Checkpointer:
         t = self.t
         if self.last_saved_step == t.global_step:
             return None
+        t.flush()  # the barrier comes after this trainer's push for the step is answered
         started = time.perf_counter()
         serial = self.coord.barrier(t.trainer_id, t.global_step, epoch_id, step_id, final,
                                     self.timeout)

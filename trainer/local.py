@@ -9,7 +9,7 @@ same seeds end bit-identical.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -65,6 +65,12 @@ class LocalClient:
     def pull_all(self, plan: Mapping[str, np.ndarray],
                  step: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return {t: self.pull(t, x) for t, x in plan.items()}, self.pull_dense()
+
+    def start_push_many(self, plan: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
+                        dense: Mapping[str, np.ndarray] | None = None,
+                        step: int = 0) -> Callable[[], int]:
+        done = self.push_many(plan, grads, dense, step)
+        return lambda: done
 
     def push_many(self, plan: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
                   dense: Mapping[str, np.ndarray] | None = None, step: int = 0) -> int:

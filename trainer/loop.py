@@ -99,6 +99,7 @@ class Trainer:
                                           self.settings.batch_size, self.job.seed)
         self.client: PSClient | LocalClient | None = None
         self.checkpointer: Checkpointer | None = None
+        self._pending_push: Callable[[], int] | None = None  # the last step's push answers
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
         s = self.settings
@@ -138,6 +139,7 @@ class Trainer:
         client = self.client
         ids = self.model.slot_ids(batch)
         plan = client.plan(ids)
+        self.flush()
         flat, params = client.pull_all(plan, step=step)
         rows = {t: flat[t].reshape(x.shape + (client.dim(t),)) for t, x in ids.items()}
         return ids, plan, rows, params
@@ -153,10 +155,18 @@ class Trainer:
             return g * scale if scale != 1 else g
 
         sparse = {t: scaled(res.row_grads[t].reshape(x.size, -1)) for t, x in ids.items()}
-        self.client.push_many(plan, sparse, {n: scaled(g) for n, g in res.dense_grads.items()},
-                              step=s)
+        # the push is answered while the next batch is prepared; errors surface at the
+        # next pull (or flush)
+        self._pending_push = self.client.start_push_many(
+            plan, sparse, {n: scaled(g) for n, g in res.dense_grads.items()}, step=s)
         self.global_step += 1
         return res.loss
+
+    def flush(self) -> None:
+        """Wait for the last step's push to be answered (raising its error, if any)."""
+        pending, self._pending_push = self._pending_push, None
+        if pending is not None:
+            pending()
 
     # ---- evaluation ---------------------------------------------------------
 
@@ -207,6 +217,7 @@ class Trainer:
                 if self.checkpointer is not None:
                     last = epoch == epochs - 1 and r.position == r.steps_per_epoch
                     self.checkpointer.after_step(epoch, step_id, last)
+            self.flush()
             progress.end_epoch()
             metrics = {"epoch": float(epoch),
                        "train_seconds": time.perf_counter() - started}
