@@ -270,3 +270,22 @@ def test_ckpt_cli_lists_and_shows(data_dir: Path, tmp_path: Path) -> None:
     assert ckpt("ls", str(tmp_path / "nothing")).returncode == 2
     unlock = ckpt("unlock", str(ckdir))
     assert unlock.returncode == 0 and "removed the lock of job 'demo'" in unlock.stdout
+
+
+@pytest.mark.parametrize("before,after", [(2, 3), (3, 1), (1, 4)])
+def test_restore_onto_a_different_number_of_pservers(data_dir: Path, tmp_path: Path,
+                                                     before: int, after: int) -> None:
+    """A checkpoint of P pservers restores onto P' (each reading only its virtual shards),
+    and the job continued on P' ends bit-identical to the same job continued on P."""
+    first = tmp_path / "first"
+    run_to_end(write_job(data_dir, first, first / "ckpt", num_pservers=before, epochs=1))
+    finals = {}
+    for p in (before, after):
+        work = tmp_path / f"on{p}"
+        shutil.copytree(first / "ckpt", work / "ckpt")
+        out = run_to_end(write_job(data_dir, work, work / "ckpt", num_pservers=p, epochs=2))
+        assert out.count("restored checkpoint_") >= p  # every pserver restored its part
+        finals[p] = final_state(work / "ckpt")
+        manifest = reader.newest_complete(LocalStorage(work / "ckpt"))
+        assert manifest.num_pservers == p
+    assert_identical(finals[before], finals[after])
