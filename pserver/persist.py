@@ -12,8 +12,6 @@ import logging
 import os
 import time
 
-import numpy as np
-
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import LocalStorage
@@ -118,7 +116,3 @@ def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
     log.info("pserver[%d] restored checkpoint_%d (step %d) in %.2fs: %s", shard.pserver_id,
              manifest.serial, manifest.global_step, time.perf_counter() - started,
              ", ".join(f"{n} {len(t)} rows" for n, t in shard.tables.items()) or "no tables")
-
-
-def save_dense_values(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in values.items()}

@@ -21,14 +21,6 @@ def encode_ids(ids: np.ndarray) -> bytes:
     return np.ascontiguousarray(ids, dtype=ID_DTYPE).tobytes()
 
 
-def decode_ids(data: bytes, where: str) -> np.ndarray:
-    if len(data) % ID_DTYPE.itemsize:
-        raise InvalidArgument(
-            f"{where}: ids must be little-endian uint64 (8 bytes each), got {len(data)} bytes"
-        )
-    return np.frombuffer(data, dtype=ID_DTYPE)
-
-
 def encode_tensor(arr: np.ndarray) -> pb.Tensor:
     a = np.ascontiguousarray(arr, dtype=ROW_DTYPE)
     return pb.Tensor(data=a.tobytes(), shape=a.shape)

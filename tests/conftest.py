@@ -76,6 +76,17 @@ def cluster_factory() -> Iterator[Any]:
         c.stop()
 
 
+def generated_data(factory: pytest.TempPathFactory, name: str, examples: int,
+                   seed: int) -> Path:
+    """A directory with train.txt and train.holdout.txt (10% held out) from the generator."""
+    from trainer.datagen import generate
+
+    d = factory.mktemp(name)
+    generate(d / "train.txt", examples, seed=seed, holdout_fraction=0.1,
+             holdout_path=d / "train.holdout.txt")
+    return d
+
+
 def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

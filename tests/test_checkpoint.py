@@ -17,8 +17,7 @@ import pytest
 
 from ckpt import layout, reader
 from ckpt.storage import LocalStorage
-from tests.conftest import python_env
-from trainer.datagen import generate
+from tests.conftest import generated_data, python_env
 from trainer.demo import demo_job, dump_toml
 
 pytestmark = pytest.mark.e2e
@@ -28,10 +27,7 @@ MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden": [8],
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckdata")
-    generate(d / "train.txt", 3000, seed=5, holdout_fraction=0.1,
-             holdout_path=d / "train.holdout.txt")
-    return d
+    return generated_data(tmp_path_factory, "ckdata", 3000, seed=5)
 
 
 def write_job(data_dir: Path, workdir: Path, ckdir: Path, num_pservers: int = 2,

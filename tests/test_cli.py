@@ -16,8 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.conftest import python_env, wait_file
-from trainer.datagen import generate
+from tests.conftest import generated_data, python_env, wait_file
 from trainer.demo import demo_job, dump_toml
 
 pytestmark = pytest.mark.e2e
@@ -102,10 +101,7 @@ def test_pserver_serves_health_and_reflection_and_drains_on_sigterm(tmp_path: Pa
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    generate(d / "train.txt", 3000, seed=3, holdout_fraction=0.1,
-             holdout_path=d / "train.holdout.txt")
-    return d
+    return generated_data(tmp_path_factory, "tiny", 3000, seed=3)
 
 
 def tiny_job(data_dir: Path, path: Path, num_pservers: int = 2, num_trainers: int = 2,

@@ -11,7 +11,7 @@ import pytest
 
 from ckpt import CheckpointConfig
 from pserver import config as cfg
-from trainer.datagen import generate
+from tests.conftest import generated_data
 from trainer.demo import demo_job
 from trainer.loop import BeginEpochEvent, EndEpochEvent, EndStepEvent, Trainer
 
@@ -21,10 +21,7 @@ SMALL_MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden":
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    generate(d / "train.txt", 4000, seed=1, holdout_fraction=0.1,
-             holdout_path=d / "train.holdout.txt")
-    return d
+    return generated_data(tmp_path_factory, "data", 4000, seed=1)
 
 
 def small_job(data_dir: Path, num_pservers: int = 1, num_trainers: int = 1,
