@@ -122,10 +122,12 @@ class LocalStorage:
     def checksum(self, rel: str) -> tuple[int, int]:
         """(size, xxh3) of a file as it is now."""
         digest, size = xxhash.xxh3_64(), 0
-        with open(self.path(rel), "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
+        buf = bytearray(CHUNK)  # one buffer, reused: no fresh pages per chunk
+        view = memoryview(buf)
+        with open(self.path(rel), "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                digest.update(view[:n])
+                size += n
         return size, digest.intdigest()
 
 
