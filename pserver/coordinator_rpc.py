@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ckpt.manifest import Part
 from pserver import psrt_pb2 as pb
@@ -59,17 +60,18 @@ class CoordinatorServicer:
         def wrap(name: str, req_type: Any) -> Any:
             method = getattr(self, name)
 
-            def handler(req: Any, ctx: grpc.ServicerContext) -> Any:
+            def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
                 try:
-                    return method(req, ctx)
+                    return method(req_type.FromString(raw), ctx).SerializeToString()
+                except DecodeError as e:
+                    ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{name}: request bytes do not parse as {req_type.__name__}: {e}")
                 except PsrtError as e:
                     ctx.abort(status_of(e), str(e))
-                except (ValueError, KeyError) as e:
+                except (ValueError, KeyError, TypeError) as e:
                     ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e}")
 
-            return grpc.unary_unary_rpc_method_handler(
-                handler, request_deserializer=req_type.FromString,
-                response_serializer=lambda m: m.SerializeToString())
+            return grpc.unary_unary_rpc_method_handler(handler)  # raw bytes in and out
 
         return grpc.method_handlers_generic_handler(
             SERVICE, {name: wrap(name, req) for name, (req, _) in _METHODS.items()})
