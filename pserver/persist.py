@@ -8,9 +8,11 @@ now, so a checkpoint restores onto any number of pservers.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
@@ -27,7 +29,8 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
     """Write this pserver's part of checkpoint `serial`.
 
     Fault injection for tests: PSRT_FAULT_SAVE_SLEEP_S=x sleeps x seconds in the middle
-    of the save (after the first files are written), so a test can kill it there.
+    of the save (after the first files are written), so a test can kill it there;
+    PSRT_FAULT_SAVE_ENOSPC=serial makes that serial's save fail there as a full disk would.
     """
     started = time.perf_counter()
     v = shard.config.virtual_shards
@@ -41,10 +44,8 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
             vshards[name] = virtual_shard(tables[name]["ids"], v)
         dense_state = {n: d.state for n, d in shard.dense.items()}
         applied = {n: g.applied for n, g in shard.gates.items()}
-        pause = float(os.environ.get("PSRT_FAULT_SAVE_SLEEP_S", "0") or 0)
         part = writer.write_shard(storage, serial, shard.pserver_id, tables, vshards, v,
-                                  dense_state, {"applied": applied},
-                                  midway=(lambda: time.sleep(pause)) if pause else None)
+                                  dense_state, {"applied": applied}, midway=_fault(serial))
         seconds = time.perf_counter() - started
         size = sum(f.size for f in part.files)
         log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
@@ -53,6 +54,17 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
     finally:
         for lock in locks:
             lock.release()
+
+
+def _fault(serial: int) -> Callable[[], None] | None:
+    """The fault injected in the middle of a save, if the environment asks for one."""
+    pause = float(os.environ.get("PSRT_FAULT_SAVE_SLEEP_S", "0") or 0)
+    full = os.environ.get("PSRT_FAULT_SAVE_ENOSPC", "")
+    if full and int(full) == serial:
+        def fail() -> None:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected, checkpoint_{serial})")
+        return fail
+    return (lambda: time.sleep(pause)) if pause else None
 
 
 def job_facts(shard_or_config: Shard) -> dict:

@@ -285,3 +285,23 @@ def test_restore_onto_a_different_number_of_pservers(data_dir: Path, tmp_path: P
         manifest = reader.newest_complete(LocalStorage(work / "ckpt"))
         assert manifest.num_pservers == p
     assert_identical(finals[before], finals[after])
+
+
+def test_a_save_that_hits_a_full_disk_fails_cleanly_and_training_goes_on(
+        data_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1, max_num_checkpoints=100)
+    env = python_env()
+    env["PSRT_FAULT_SAVE_ENOSPC"] = "2"
+    r = subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config", str(job)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint_2 failed and was not committed: pserver[0]:" in r.stderr
+    assert "No space left on device" in r.stderr and "training goes on" in r.stderr
+    # 21 steps, saves after steps 0, 4, 8 (serial 2: failed), 12, 16 and 20 (final)
+    entries = reader.entries(LocalStorage(ckdir))
+    assert [e.serial for e in entries] == [0, 1, 3, 4, 5]  # the torn serial 2 was removed
+    assert reader.newest_complete(LocalStorage(ckdir)).final  # the next triggers saved
+    v = subprocess.run([sys.executable, "-m", "ckpt", "verify", str(ckdir)],
+                       env=python_env(), capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout
