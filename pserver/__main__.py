@@ -1,4 +1,7 @@
-"""`python -m pserver --id I --config job.toml [--port N]`: serve shard I of the job."""
+"""`python -m pserver --id I --config job.toml [--port N]`: serve shard I of the job.
+
+`python -m pserver status --config job.toml`: one line per pserver of a running job.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def status_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m pserver status",
+                                description="One line per pserver of a running job: health, "
+                                "step, rows; and the newest checkpoint. Exit 1 if any pserver "
+                                "does not answer.")
+    p.add_argument("--config", help="job file (TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")
+    args = p.parse_args(argv)
+    try:
+        config = cfg.load(args.config, args.set)
+    except cfg.ConfigError as e:
+        print(f"pserver status: config error: {e}", file=sys.stderr)
+        return 2
+    from pserver.status import report
+
+    text, all_ok = report(config, args.timeout)
+    print(text)
+    return 0 if all_ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "status":
+        return status_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

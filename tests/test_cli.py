@@ -200,3 +200,25 @@ def test_launcher_ctrl_c_leaves_no_process(tiny_data: Path, tmp_path: Path) -> N
     while _processes_mentioning(str(job)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_mentioning(str(job)) == []
+
+
+def test_status_lists_every_pserver_and_a_killed_one_as_not_answering(tmp_path: Path,
+                                                                      spawn: Any) -> None:
+    job = write_job(tmp_path / "job.toml", job={"pservers": ["127.0.0.1:0", "127.0.0.1:0"]})
+    procs, addrs = [], []
+    for i in range(2):
+        ready = tmp_path / f"ready{i}"
+        procs.append(spawn("-m", "pserver", "--id", str(i), "--config", str(job), "--port", "0",
+                           "--ready-file", str(ready)))
+        addrs.append(wait_file(ready, procs[-1]))
+    bound = "job.pservers=[" + ",".join(f'"{a}"' for a in addrs) + "]"
+    r = run("-m", "pserver", "status", "--config", str(job), "--set", bound, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("SERVING") == 2 and "emb=0" in r.stdout
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    r = run("-m", "pserver", "status", "--config", str(job), "--set", bound, cwd=tmp_path)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("pserver[1]")]
+    assert lines and "NOT ANSWERING" in lines[0] and "UNAVAILABLE" in lines[0]
+    assert "pserver[0]" in r.stdout and "SERVING" in r.stdout
