@@ -19,6 +19,7 @@ class CheckpointConfig:
     max_num_checkpoints: int = 3
     epoch_interval: int = 1
     step_interval: int = 10
+    background: bool = False  # psrt's addition: write files after releasing the trainers
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
@@ -28,6 +29,8 @@ class CheckpointConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if not isinstance(self.background, bool):
+            raise ValueError(f"background: expected true or false, got {self.background!r}")
 
     def should_save(self, epoch_id: int, step_id: int) -> bool:
         return epoch_id % self.epoch_interval == 0 and step_id % self.step_interval == 0
@@ -39,6 +42,10 @@ KEYS = {
     "max_num_checkpoints": (int, 3, "complete checkpoints kept; older ones are removed"),
     "epoch_interval": (int, 1, "save only in epochs where epoch_id % epoch_interval == 0"),
     "step_interval": (int, 10, "save after steps where step_id % step_interval == 0"),
+    "background": (bool, False, "true: trainers wait only while pservers copy their shards "
+                   "in memory; files are written and committed in the background (a trigger "
+                   "that comes while a save is still being written is skipped; the final "
+                   "checkpoint waits for it)"),
 }
 
 

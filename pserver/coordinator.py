@@ -27,7 +27,9 @@ from pserver.config import JobConfig
 from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
-SaveShard = Callable[[int, int], Part]  # (pserver_id, serial) -> its part
+# (pserver_id, serial) -> its part; None for a background save, whose part comes later
+# through `report_part`
+SaveShard = Callable[[int, int], Part | None]
 
 
 class CheckpointFailed(FailedPrecondition):
@@ -55,6 +57,9 @@ class Coordinator:
         self._parts: dict[tuple[str, int], Part] = {}
         self._failures: list[str] = []
         self._outcome: dict[int, str | None] = {}  # serial -> None (committed) or the error
+        self.background = ckpt.background
+        self._staged: set[int] = set()  # pservers whose shard is copied (or written)
+        self._skipped: set[tuple] = set()  # trigger points skipped while a save was in flight
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
         log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
@@ -107,9 +112,18 @@ class Coordinator:
             (global_step, epoch_id, step_id, final)
         t = self.config.num_trainers
         with self._cond:
-            if self._serial is not None:
-                raise FailedPrecondition(f"Barrier: checkpoint {self._serial} is still being "
-                                         f"written")
+            if point in self._skipped:
+                return -1
+            if self._serial is not None and len(self._round) == t:
+                # a background save of an earlier point is still being written
+                if not final:
+                    self._skipped.add(point)
+                    log.warning("coordinator: checkpoint_%d is still being written; skipping "
+                                "the save at %s", self._serial, point)
+                    return -1
+                if not self._cond.wait_for(lambda: self._serial is None, timeout):
+                    raise DeadlineExceeded(f"Barrier: checkpoint {self._serial} still being "
+                                           f"written after {timeout:.0f}s")
             others = {v for k, v in self._round.items() if k != trainer_id}
             if others and others != {point}:
                 raise FailedPrecondition(f"Barrier: trainer {trainer_id} is at {point}, other "
@@ -129,6 +143,7 @@ class Coordinator:
         self.last_serial = max(self.last_serial, reader.max_serial(self.storage)) + 1
         serial = self.last_serial
         self._serial, self._parts, self._failures = serial, {}, []
+        self._staged = set()
         self._final = any(p[-1] for p in self._round.values())
         self.storage.makedirs(f"checkpoint_{serial}")
         point = next(iter(self._round.values()))
@@ -140,11 +155,26 @@ class Coordinator:
     def _save_one(self, pserver_id: int, serial: int) -> None:
         try:
             part = self._save_shard(pserver_id, serial)
-            self._add_part(serial, part, None)
         except Exception as e:  # noqa: BLE001 - reported to every trainer
             log.exception("coordinator: pserver[%d] failed to save checkpoint_%d", pserver_id,
                           serial)
+            self._mark_staged(pserver_id)
             self._add_part(serial, None, f"pserver[{pserver_id}]: {e}")
+            return
+        self._mark_staged(pserver_id)
+        if part is not None:
+            self._add_part(serial, part, None)
+
+    def _mark_staged(self, pserver_id: int) -> None:
+        with self._cond:
+            self._staged.add(pserver_id)
+            self._cond.notify_all()
+
+    def report_part(self, pserver_id: int, serial: int, part: Part | None,
+                    error: str | None) -> None:
+        """A background save's part, written (or why it was not)."""
+        self._check_id("pserver", pserver_id, self.config.num_pservers)
+        self._add_part(serial, part, error and f"pserver[{pserver_id}]: {error}")
 
     def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
                timeout: float) -> int:
@@ -156,10 +186,18 @@ class Coordinator:
                                          f"(current: {self._serial})")
         self._add_part(serial, part, error and f"trainer[{trainer_id}]: {error}")
         with self._cond:
-            if not self._cond.wait_for(lambda: serial in self._outcome, timeout):
+            # background saves release the trainers once every shard is copied; the final
+            # checkpoint, and blocking saves, once committed
+            wait_commit = not self.background or self._final
+
+            def released() -> bool:
+                return serial in self._outcome or (
+                    not wait_commit and len(self._staged) == self.config.num_pservers)
+
+            if not self._cond.wait_for(released, timeout):
                 raise DeadlineExceeded(f"Commit: checkpoint {serial} not committed within "
                                        f"{timeout:.0f}s")
-            outcome = self._outcome[serial]
+            outcome = self._outcome.get(serial)
         if outcome is not None:
             raise CheckpointFailed(outcome)
         return serial

@@ -26,6 +26,7 @@ _METHODS = {
     "Ready": (pb.ReadyRequest, pb.ReadyResponse),
     "Barrier": (pb.BarrierRequest, pb.BarrierResponse),
     "Commit": (pb.CommitRequest, pb.CommitResponse),
+    "ReportPart": (pb.ReportPartRequest, pb.ReportPartResponse),
 }
 
 
@@ -55,6 +56,12 @@ class CoordinatorServicer:
         error = None if part is not None else "reported no part"
         serial = self.c.commit(req.trainer_id, req.serial, part, error, _remaining(ctx, self.wait))
         return pb.CommitResponse(serial=serial)
+
+    def ReportPart(self, req: pb.ReportPartRequest, ctx: grpc.ServicerContext) -> Any:
+        part = Part.from_json(req.part) if req.part else None
+        error = req.error or (None if part is not None else "reported no part")
+        self.c.report_part(req.pserver_id, req.serial, part, error)
+        return pb.ReportPartResponse()
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         def wrap(name: str, req_type: Any) -> Any:
@@ -123,6 +130,13 @@ class CoordinatorClient:
         req = pb.BarrierRequest(trainer_id=trainer_id, global_step=global_step,
                                 epoch_id=epoch_id, step_id=step_id, final=final)
         return self._call("Barrier", req, self.long_deadline).serial
+
+    def report_part(self, pserver_id: int, serial: int, part: Part | None,
+                    error: str | None) -> None:
+        req = pb.ReportPartRequest(pserver_id=pserver_id, serial=serial,
+                                   part=part.to_json() if part is not None else "",
+                                   error=error or "")
+        self._call("ReportPart", req, self.deadline, retry_unavailable=True)
 
     def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
                timeout: float | None = None) -> int:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
@@ -25,35 +29,91 @@ from pserver.sharding import owned_range, virtual_shard
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Staged:
+    """What a pserver saves: its tables, dense optimizer state and step counters, either
+    live (blocking saves, under the locks) or copied (background saves)."""
+
+    tables: dict[str, dict[str, np.ndarray]]
+    vshards: dict[str, np.ndarray]
+    dense_state: dict[str, dict[str, np.ndarray]]
+    applied: dict[str, int]
+
+
+def _locks(shard: Shard) -> list:
+    return [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
+
+
+def _stage(shard: Shard, copy: bool) -> Staged:
+    """The shard as it is now (call with every lock held)."""
+    v = shard.config.virtual_shards
+    tables = {n: {a: arr.copy() if copy else arr for a, arr in t.arrays().items()}
+              for n, t in shard.tables.items()}
+    return Staged(tables, {n: virtual_shard(arrays["ids"], v) for n, arrays in tables.items()},
+                  {n: {k: a.copy() if copy else a for k, a in d.state.items()}
+                   for n, d in shard.dense.items()},
+                  {n: g.applied for n, g in shard.gates.items()})
+
+
+def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
+           started: float) -> Part:
+    part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, staged.vshards,
+                              shard.config.virtual_shards, staged.dense_state,
+                              {"applied": staged.applied}, midway=_fault(serial))
+    seconds = time.perf_counter() - started
+    size = sum(f.size for f in part.files)
+    log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
+             shard.pserver_id, serial, size / 1e6, seconds, size / max(seconds, 1e-9) / 1e9)
+    return part
+
+
 def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
-    """Write this pserver's part of checkpoint `serial`.
+    """Write this pserver's part of checkpoint `serial` (a blocking save: nothing changes
+    meanwhile, the barrier holds every trainer, so the live arrays are written).
 
     Fault injection for tests: PSRT_FAULT_SAVE_SLEEP_S=x sleeps x seconds in the middle
     of the save (after the first files are written), so a test can kill it there;
     PSRT_FAULT_SAVE_ENOSPC=serial makes that serial's save fail there as a full disk would.
     """
     started = time.perf_counter()
-    v = shard.config.virtual_shards
-    tables, vshards = {}, {}
-    locks = [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
+    locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
-        for name, t in shard.tables.items():
-            tables[name] = t.arrays()
-            vshards[name] = virtual_shard(tables[name]["ids"], v)
-        dense_state = {n: d.state for n, d in shard.dense.items()}
-        applied = {n: g.applied for n, g in shard.gates.items()}
-        part = writer.write_shard(storage, serial, shard.pserver_id, tables, vshards, v,
-                                  dense_state, {"applied": applied}, midway=_fault(serial))
-        seconds = time.perf_counter() - started
-        size = sum(f.size for f in part.files)
-        log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
-                 shard.pserver_id, serial, size / 1e6, seconds, size / max(seconds, 1e-9) / 1e9)
-        return part
+        return _write(shard, _stage(shard, copy=False), storage, serial, started)
     finally:
         for lock in locks:
             lock.release()
+
+
+def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
+                          report: Callable[[Part | None, str | None], None]) -> float:
+    """Copy the shard in memory (the only part the trainers wait for), then write it in a
+    thread and `report(part, error)`. Returns the seconds the copy took."""
+    started = time.perf_counter()
+    locks = _locks(shard)
+    for lock in locks:
+        lock.acquire()
+    try:
+        staged = _stage(shard, copy=True)
+    finally:
+        for lock in locks:
+            lock.release()
+    stall = time.perf_counter() - started
+
+    def write() -> None:
+        try:
+            part = _write(shard, staged, storage, serial, started)
+        except Exception as e:  # noqa: BLE001 - reported to the coordinator
+            log.exception("pserver[%d] failed to write checkpoint_%d", shard.pserver_id, serial)
+            report(None, f"{type(e).__name__}: {e}")
+            return
+        report(part, None)
+
+    threading.Thread(target=write, name=f"save-{serial}", daemon=True).start()
+    log.info("pserver[%d] copied its shard for checkpoint_%d in %.2fs; writing it in the "
+             "background", shard.pserver_id, serial, stall)
+    return stall
 
 
 def _fault(serial: int) -> Callable[[], None] | None:

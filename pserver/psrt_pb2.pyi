@@ -193,10 +193,12 @@ class PushBatchResponse(_message.Message):
     def __init__(self, applied_steps: _Optional[int] = ...) -> None: ...
 
 class SaveShardRequest(_message.Message):
-    __slots__ = ("serial",)
+    __slots__ = ("serial", "background")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
+    BACKGROUND_FIELD_NUMBER: _ClassVar[int]
     serial: int
-    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+    background: bool
+    def __init__(self, serial: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
 
 class SaveShardResponse(_message.Message):
     __slots__ = ("part",)
@@ -267,3 +269,19 @@ class CommitResponse(_message.Message):
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     serial: int
     def __init__(self, serial: _Optional[int] = ...) -> None: ...
+
+class ReportPartRequest(_message.Message):
+    __slots__ = ("pserver_id", "serial", "part", "error")
+    PSERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    pserver_id: int
+    serial: int
+    part: str
+    error: str
+    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ..., part: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReportPartResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -427,6 +427,11 @@ class CoordinatorStub:
                 request_serializer=pserver_dot_psrt__pb2.CommitRequest.SerializeToString,
                 response_deserializer=pserver_dot_psrt__pb2.CommitResponse.FromString,
                 _registered_method=True)
+        self.ReportPart = channel.unary_unary(
+                '/psrt.v1.Coordinator/ReportPart',
+                request_serializer=pserver_dot_psrt__pb2.ReportPartRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.ReportPartResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -456,6 +461,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportPart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -478,6 +489,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Commit,
                     request_deserializer=pserver_dot_psrt__pb2.CommitRequest.FromString,
                     response_serializer=pserver_dot_psrt__pb2.CommitResponse.SerializeToString,
+            ),
+            'ReportPart': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPart,
+                    request_deserializer=pserver_dot_psrt__pb2.ReportPartRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.ReportPartResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +604,33 @@ class Coordinator:
             '/psrt.v1.Coordinator/Commit',
             pserver_dot_psrt__pb2.CommitRequest.SerializeToString,
             pserver_dot_psrt__pb2.CommitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/ReportPart',
+            pserver_dot_psrt__pb2.ReportPartRequest.SerializeToString,
+            pserver_dot_psrt__pb2.ReportPartResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,8 +108,15 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
 def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
     storage = LocalStorage(config.checkpoint.checkpoint_dir)
 
-    def save_shard(pserver_id: int, serial: int) -> Part:
+    background = config.checkpoint.background
+
+    def save_shard(pserver_id: int, serial: int) -> Part | None:
         if pserver_id == shard.pserver_id:
+            if background:
+                persist.save_shard_background(
+                    shard, storage, serial,
+                    lambda part, err: coordinator.report_part(pserver_id, serial, part, err))
+                return None
             return persist.save_shard(shard, storage, serial)
         address = coordinator.address_of(pserver_id)
         with grpc.insecure_channel(address, options=channel_options(config)) as ch:
@@ -117,12 +124,12 @@ def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
                                   request_serializer=pb.SaveShardRequest.SerializeToString,
                                   response_deserializer=pb.SaveShardResponse.FromString)
             try:
-                resp = call(pb.SaveShardRequest(serial=serial),
+                resp = call(pb.SaveShardRequest(serial=serial, background=background),
                             timeout=config.rpc.checkpoint_timeout_s)
             except grpc.RpcError as e:
                 raise from_rpc_error(e, f"SaveShard on pserver[{pserver_id}] at {address}") \
                     from None
-        return Part.from_json(resp.part)
+        return Part.from_json(resp.part) if resp.part else None
 
     try:
         coordinator = Coordinator(config, config.checkpoint, persist.job_facts(shard), save_shard)

@@ -109,8 +109,29 @@ class Servicer:
         ck = self.shard.config.checkpoint
         if ck is None:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
-        part = persist.save_shard(self.shard, LocalStorage(ck.checkpoint_dir), req.serial)
+        storage = LocalStorage(ck.checkpoint_dir)
+        if req.background:
+            persist.save_shard_background(self.shard, storage, req.serial,
+                                          self._reporter(req.serial))
+            return pb.SaveShardResponse(part="")
+        part = persist.save_shard(self.shard, storage, req.serial)
         return pb.SaveShardResponse(part=part.to_json())
+
+    def _reporter(self, serial: int) -> Any:
+        """Sends a background save's part to the coordinator when it is written."""
+        from pserver.coordinator_rpc import CoordinatorClient
+
+        def report(part: Any, error: str | None) -> None:
+            client = CoordinatorClient(self.shard.config)
+            try:
+                client.report_part(self.shard.pserver_id, serial, part, error)
+            except PsrtError:
+                log.exception("%s could not report its part of checkpoint_%d", self.role,
+                              serial)
+            finally:
+                client.close()
+
+        return report
 
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ckpt import CheckpointConfig, reader, writer
+from ckpt.manifest import Part
 from ckpt.storage import LocalStorage
 from pserver import persist
 from pserver.coordinator import CheckpointFailed, Coordinator
@@ -32,9 +33,17 @@ class Checkpointer:
         self.last_saved_step = -1
         if trainer.standalone:
             shard = trainer.client.shard
+
+            def save(_pserver: int, serial: int) -> Part | None:
+                if not config.background:
+                    return persist.save_shard(shard, self.storage, serial)
+                persist.save_shard_background(
+                    shard, self.storage, serial,
+                    lambda part, err: self.coord.report_part(0, serial, part, err))
+                return None
+
             self.coord: Coordinator | CoordinatorClient = Coordinator(
-                shard.config, config, persist.job_facts(shard),
-                lambda _p, serial: persist.save_shard(shard, self.storage, serial))
+                shard.config, config, persist.job_facts(shard), save)
             manifest = self.coord.restore_manifest
             if manifest is not None:
                 persist.load_shard(shard, self.storage, manifest)
@@ -80,6 +89,10 @@ class Checkpointer:
         started = time.perf_counter()
         serial = self.coord.barrier(t.trainer_id, t.global_step, epoch_id, step_id, final,
                                     self.timeout)
+        if serial < 0:
+            log.info("%s skipped the checkpoint at epoch %d step %d: the last one is still "
+                     "being written", t.role, epoch_id, step_id)
+            return None
         part, error = None, None
         try:
             dense = t.client.pull_dense(step=t.global_step if t.sync else 0) \
@@ -96,6 +109,8 @@ class Checkpointer:
             log.warning("%s: %s; training goes on", t.role, e)
             return None
         self.last_saved_step = t.global_step
-        log.info("%s checkpoint_%d committed at epoch %d step %d (%.2fs)", t.role, serial,
+        what = "committed" if final or not self.config.background else \
+            "copied; committing in the background"
+        log.info("%s checkpoint_%d %s at epoch %d step %d (%.2fs)", t.role, serial, what,
                  epoch_id, step_id, time.perf_counter() - started)
         return serial
