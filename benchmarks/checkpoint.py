@@ -7,7 +7,9 @@ with Adagrad state. The script saves a checkpoint through the coordinator (as
 the job's only trainer: barrier, its part, commit) and times it; then stops
 both pservers, evicts the files from the page cache, starts them again and
 times the restore (the coordinator's checksum verification plus each pserver's
-load). In the same run, on the same file system, it measures the disk: a
+load). Then, with `checkpoint.background = true`, it saves again and times how
+long the trainer is held (`stall_s`: the pservers copy their shards in memory)
+against the blocking save. In the same run, on the same file system, it measures the disk: a
 sequential write of the same byte count with fsync, and a cold read of it,
 right before the save and again after the restore (the mean of the two is the
 ceiling: this machine's disk speed swings a lot from minute to minute).
@@ -92,6 +94,25 @@ def start(job: Path, work: Path, tag: str) -> tuple[list[subprocess.Popen], list
     return procs, logs, seconds
 
 
+def background_save(job: Path, work: Path, storage: LocalStorage) -> tuple[float, float]:
+    """(seconds the trainer is held, seconds until committed) of one background save."""
+    addrs = (work / "addresses").read_text().split()
+    config = cfg.load(job, [f'job.pservers=["{addrs[0]}","{addrs[1]}"]'])
+    coord = CoordinatorClient(config)
+    serial = coord.join_trainer(0)
+    state = reader.read_trainer(storage, serial, 0)[2]
+    step = state["global_step"] + 1
+    t0 = time.perf_counter()
+    new = coord.barrier(0, step, 0, step, False)
+    part = writer.write_trainer(storage, new, 0, 0, step, {"global_step": step})
+    coord.commit(0, new, part, None)
+    stall = time.perf_counter() - t0
+    while reader.newest_complete(storage, deep=False).serial != new:
+        time.sleep(0.02)
+    coord.close()
+    return stall, time.perf_counter() - t0
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.terminate()
@@ -144,7 +165,13 @@ def main() -> None:
     client.close()
     stop(procs)
     evict(ckdir)
+    job.write_text(dump_toml({**doc, "checkpoint": {**doc["checkpoint"], "background": True}}))
     procs, logs, restore_total_s = start(job, work, "restore")
+    first_stall_s, _ = background_save(job, work, storage)  # maps the snapshot buffers
+    stall_s, background_s = background_save(job, work, storage)
+    print(f"background save: trainers held {stall_s:.2f}s (the first one {first_stall_s:.2f}s, "
+          f"while the snapshot buffers are mapped), committed after {background_s:.2f}s",
+          flush=True)
     stop(procs)
     text = "".join(p.read_text() for p in logs)
     loads = [float(x) for x in re.findall(r"restored checkpoint_\d+ \(step \d+\) in ([\d.]+)s",
@@ -166,6 +193,10 @@ def main() -> None:
         "disk_write_gbps_before_after": [round(before[0], 3), round(after[0], 3)],
         "disk_read_gbps_before_after": [round(before[1], 3), round(after[1], 3)],
         "save_vs_disk": round(save_gbps / write_gbps, 3),
+        "blocking_save_s": round(save_s, 3), "stall_s": round(stall_s, 3),
+        "stall_vs_blocking": round(stall_s / save_s, 3),
+        "background_commit_s": round(background_s, 3),
+        "first_stall_s": round(first_stall_s, 3),
         "restore_vs_disk": round(restore_gbps / read_gbps, 3),
     }))
     if args.dir is None:

@@ -47,8 +47,7 @@ def _locks(shard: Shard) -> list:
 def _stage(shard: Shard, copy: bool) -> Staged:
     """The shard as it is now (call with every lock held)."""
     v = shard.config.virtual_shards
-    tables = {n: {a: arr.copy() if copy else arr for a, arr in t.arrays().items()}
-              for n, t in shard.tables.items()}
+    tables = {n: t.snapshot() if copy else t.arrays() for n, t in shard.tables.items()}
     return Staged(tables, {n: virtual_shard(arrays["ids"], v) for n, arrays in tables.items()},
                   {n: {k: a.copy() if copy else a for k, a in d.state.items()}
                    for n, d in shard.dense.items()},

@@ -33,6 +33,7 @@ class SparseTable:
         self._layout = optimizers.state_layout(spec.optimizer, (spec.dim,))
         self._size = 0
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._snapshots: dict[str, np.ndarray] = {}
         self._alloc(max(16, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -122,6 +123,19 @@ class SparseTable:
     def arrays(self) -> dict[str, np.ndarray]:
         """Views of the live rows (hold `lock` while using them)."""
         return {name: arr[: self._size] for name, arr in self._arrays.items()}
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of the live rows (hold `lock`), in buffers kept for the next snapshot:
+        memory already mapped copies several times faster than fresh memory. One snapshot
+        is valid until the next one (background saves never overlap)."""
+        n = self._size
+        for name, arr in self._arrays.items():
+            snap = self._snapshots.get(name)
+            if snap is None or len(snap) < n or snap.shape[1:] != arr.shape[1:]:
+                snap = np.empty((max(n, 16) + n // 4,) + arr.shape[1:], dtype=arr.dtype)
+                self._snapshots[name] = snap
+            np.copyto(snap[:n], arr[:n])
+        return {name: snap[:n] for name, snap in self._snapshots.items()}
 
     def empty_arrays(self) -> dict[str, np.ndarray]:
         return {name: arr[:0] for name, arr in self._arrays.items()}
