@@ -48,7 +48,7 @@ class PSClient:
         self.addresses = list(addresses or config.pservers)
         self.deadline = config.rpc.deadline_s
         self._dims = {t.name: t.dim for t in config.tables}
-        self._dense = {d.name: (config.dense_owner(d.name), d.shape) for d in config.dense}
+        self._dense = {d.name: config.dense_owner(d.name) for d in config.dense}  # -> pserver
         opts = channel_options(config)
         self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
         # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
@@ -111,10 +111,6 @@ class PSClient:
         `unique=True` promises the ids are distinct, skipping the dedup. In sync mode
         `step` > 0 waits until every step before it is applied.
         """
-        return self._start_pull(table, ids, step, unique)()
-
-    def _start_pull(self, table: str, ids: np.ndarray, step: int,
-                    unique: bool) -> Callable[[], np.ndarray]:
         ids = np.asarray(ids, dtype=np.uint64).ravel()
         dim = self.dim(table)
         uniq, inverse = (ids, None) if unique else dedup(ids)
@@ -122,18 +118,14 @@ class PSClient:
         futs = [(p, pos, self._call(p, "Pull", codec.encode_pull_request(
                     table, uniq[pos], self.trainer_id, step)))
                 for p, pos in enumerate(parts) if len(pos) or len(parts) == 1]
-
-        def finish() -> np.ndarray:
-            if len(futs) == 1:
-                p, _, fut = futs[0]
-                out = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
-                return np.take(out, inverse, axis=0) if inverse is not None else out.copy()
-            out = np.empty((len(uniq), dim), dtype=np.float32)
-            for p, pos, fut in futs:
-                out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
-            return out if inverse is None else np.take(out, inverse, axis=0)
-
-        return finish
+        if len(futs) == 1:
+            p, _, fut = futs[0]
+            out = self._rows(self._result(fut, p, f"Pull {table!r}"), len(uniq), dim, p)
+            return np.take(out, inverse, axis=0) if inverse is not None else out.copy()
+        out = np.empty((len(uniq), dim), dtype=np.float32)
+        for p, pos, fut in futs:
+            out[pos] = self._rows(self._result(fut, p, f"Pull {table!r}"), len(pos), dim, p)
+        return out if inverse is None else np.take(out, inverse, axis=0)
 
     def _rows(self, raw: bytes, n: int, dim: int, p: int) -> np.ndarray:
         try:
@@ -152,16 +144,8 @@ class PSClient:
 
         In sync mode every pserver gets a push (possibly empty) for the step.
         """
-        return self._start_push(table, ids, grads, step)()
-
-    def _start_push(self, table: str, ids: np.ndarray, grads: np.ndarray,
-                    step: int) -> Callable[[], int]:
         ids = np.asarray(ids, dtype=np.uint64).ravel()
-        grads = np.asarray(grads, dtype=np.float32)
-        dim = self.dim(table)
-        if grads.shape != (len(ids), dim):
-            raise InvalidArgument(f"Push: table {table!r} has dim {dim}; {len(ids)} ids need "
-                                  f"gradients of shape {[len(ids), dim]}, got {list(grads.shape)}")
+        grads = self._checked_grads(table, len(ids), grads)
         uniq, summed = sum_duplicates(ids, grads)
         sync = self.config.mode == "sync"
         parts = self._split(uniq)
@@ -169,8 +153,17 @@ class PSClient:
                     table, uniq[pos] if len(parts) > 1 else uniq,
                     summed[pos] if len(parts) > 1 else summed, self.trainer_id, step)))
                 for p, pos in enumerate(parts) if len(pos) or sync]
-        return lambda: min((self._applied(self._result(f, p, f"Push {table!r}"))
-                            for p, f in futs), default=0)
+        return min((self._applied(self._result(f, p, f"Push {table!r}")) for p, f in futs),
+                   default=0)
+
+    def _checked_grads(self, table: str, n: int, grads: np.ndarray) -> np.ndarray:
+        """`grads` as float32, or InvalidArgument if they are not n rows of the table's dim."""
+        grads = np.asarray(grads, dtype=np.float32)
+        dim = self.dim(table)
+        if grads.shape != (n, dim):
+            raise InvalidArgument(f"Push: table {table!r} has dim {dim}; {n} ids need "
+                                  f"gradients of shape {[n, dim]}, got {list(grads.shape)}")
+        return grads
 
     @staticmethod
     def _applied(raw: bytes) -> int:
@@ -181,44 +174,31 @@ class PSClient:
         for n in names:
             if n not in self._dense:
                 raise NotFound(f"unknown dense variable {n!r} (dense: {', '.join(self._dense)})")
-            groups.setdefault(self._dense[n][0], []).append(n)
+            groups.setdefault(self._dense[n], []).append(n)
         return groups
 
     def pull_dense(self, names: Iterable[str] | None = None,
                    step: int = 0) -> dict[str, np.ndarray]:
         """Values of dense variables (default: all), from the pservers that hold them."""
-        return self._start_pull_dense(names, step)()
-
-    def _start_pull_dense(self, names: Iterable[str] | None,
-                          step: int) -> Callable[[], dict[str, np.ndarray]]:
         groups = self._dense_by_pserver(self._dense if names is None else names)
         futs = [(p, ns, self._call(p, "PullDense", pb.DensePullRequest(
                     names=ns, trainer_id=self.trainer_id, step=step)))
                 for p, ns in groups.items()]
-
-        def finish() -> dict[str, np.ndarray]:
-            out = {}
-            for p, ns, fut in futs:
-                resp = self._result(fut, p, "PullDense")
-                for n, t in zip(ns, resp.values, strict=True):
-                    out[n] = decode_tensor(t, f"PullDense answer for {n!r}").copy()
-            return out
-
-        return finish
+        out = {}
+        for p, ns, fut in futs:
+            resp = self._result(fut, p, "PullDense")
+            for n, t in zip(ns, resp.values, strict=True):
+                out[n] = decode_tensor(t, f"PullDense answer for {n!r}").copy()
+        return out
 
     def push_dense(self, grads: Mapping[str, np.ndarray], step: int = 0) -> int:
         """Push gradients of dense variables to the pservers that hold them."""
-        return self._start_push_dense(grads, step)()
-
-    def _start_push_dense(self, grads: Mapping[str, np.ndarray],
-                          step: int) -> Callable[[], int]:
         groups = self._dense_by_pserver(grads)
         futs = [(p, self._call(p, "PushDense", pb.DensePushRequest(
                     names=ns, grads=[encode_tensor(grads[n]) for n in ns],
                     trainer_id=self.trainer_id, step=step)))
                 for p, ns in groups.items()]
-        return lambda: min((self._result(f, p, "PushDense").applied_steps for p, f in futs),
-                           default=0)
+        return min((self._result(f, p, "PushDense").applied_steps for p, f in futs), default=0)
 
     def plan(self, ids: Mapping[str, np.ndarray]) -> dict[str, tuple[Groups, list]]:
         """Dedup and split the ids of one step, once, for `pull_all` and `push_many`."""
@@ -274,13 +254,8 @@ class PSClient:
         sync = self.config.mode == "sync"
         summed = {}
         for t, (g, parts) in plan.items():
-            rows = np.asarray(grads[t], dtype=np.float32)
             n = len(g.uniq) if g.inverse is None else len(g.inverse)
-            if rows.shape != (n, self.dim(t)):
-                raise InvalidArgument(f"Push: table {t!r} has dim {self.dim(t)}; {n} ids need "
-                                      f"gradients of shape {[n, self.dim(t)]}, "
-                                      f"got {list(rows.shape)}")
-            summed[t] = (g.uniq, g.sum(rows), parts)
+            summed[t] = (g.uniq, g.sum(self._checked_grads(t, n, grads[t])), parts)
         by_pserver = self._dense_by_pserver(dense or {})
         futs = []
         for p in range(len(self.addresses)):
