@@ -20,12 +20,13 @@ class CheckpointConfig:
     epoch_interval: int = 1
     step_interval: int = 10
     background: bool = False  # psrt's addition: write files after releasing the trainers
+    full_every: int = 1  # psrt's addition: a full checkpoint every K saves, deltas between
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
             raise ValueError(f"checkpoint_dir: expected a non-empty path or URL, "
                              f"got {self.checkpoint_dir!r}")
-        for name in ("max_num_checkpoints", "epoch_interval", "step_interval"):
+        for name in ("max_num_checkpoints", "epoch_interval", "step_interval", "full_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -34,6 +35,12 @@ class CheckpointConfig:
 
     def should_save(self, epoch_id: int, step_id: int) -> bool:
         return epoch_id % self.epoch_interval == 0 and step_id % self.step_interval == 0
+
+    def next_base(self, last: int, deltas: int) -> int:
+        """The base of the next save, -1 for a full one: the last committed (or restored)
+        checkpoint `last` (-1: none), which is `deltas` deltas past a full checkpoint. Every
+        `full_every`-th save of a chain is full."""
+        return -1 if last < 0 or deltas + 1 >= self.full_every else last
 
 
 KEYS = {
@@ -46,6 +53,9 @@ KEYS = {
                    "in memory; files are written and committed in the background (a trigger "
                    "that comes while a save is still being written is skipped; the final "
                    "checkpoint waits for it)"),
+    "full_every": (int, 1, "a full checkpoint every K saves; the saves between hold only the "
+                   "rows changed since the previous checkpoint (deltas, restored as the chain "
+                   "from the last full one); 1: every checkpoint is full"),
 }
 
 

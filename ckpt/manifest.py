@@ -53,6 +53,8 @@ class Manifest:
     created: float = field(default_factory=time.time)
     final: bool = False
     format: str = FORMAT
+    kind: str = "full"  # "full", or "delta": only the rows changed since checkpoint `base`
+    base: int = -1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -62,18 +64,32 @@ class Manifest:
         d = json.loads(text)
         if d.get("format") != FORMAT:
             raise ValueError(f"unknown manifest format {d.get('format')!r}, expected {FORMAT!r}")
-        return Manifest(**d)
+        m = Manifest(**d)
+        if m.kind not in ("full", "delta"):
+            raise ValueError(f"kind: expected 'full' or 'delta', got {m.kind!r}")
+        if m.kind == "delta" and not (isinstance(m.base, int) and 0 <= m.base < m.serial):
+            raise ValueError(f"base: a delta needs the serial of an older checkpoint, got "
+                             f"{m.base!r}")
+        return m
 
     @property
     def total_bytes(self) -> int:
         return sum(f["size"] for f in self.files.values())
 
 
-def merge(serial: int, job: dict[str, Any], parts: list[Part], final: bool = False) -> Manifest:
-    """The manifest of a checkpoint from its parts; `job` holds the world and specs."""
+def merge(serial: int, job: dict[str, Any], parts: list[Part], final: bool = False,
+          base: int = -1) -> Manifest:
+    """The manifest of a checkpoint from its parts; `job` holds the world and specs. With
+    `base` >= 0 it is a delta of checkpoint `base`, and every pserver's part must say so."""
+    kind = "full" if base < 0 else "delta"
     files: dict[str, dict[str, int]] = {}
     trainers, pservers = {}, {}
     for part in parts:
+        if part.role == "pserver" and (part.facts.get("kind", "full"),
+                                       part.facts.get("base", -1)) != (kind, base):
+            raise ValueError(f"pserver {part.id} wrote a {part.facts.get('kind', 'full')} part "
+                             f"(base {part.facts.get('base', -1)}); checkpoint_{serial} is "
+                             f"{kind} (base {base})")
         for f in part.files:
             if f.path in files:
                 raise ValueError(f"two parts wrote {f.path}")
@@ -85,4 +101,4 @@ def merge(serial: int, job: dict[str, Any], parts: list[Part], final: bool = Fal
                     virtual_shards=job["virtual_shards"],
                     global_step=max(s for s in steps if s is not None) if steps else 0,
                     tables=job["tables"], dense=job["dense"], trainers=trainers,
-                    pservers=pservers, files=files, final=final)
+                    pservers=pservers, files=files, final=final, kind=kind, base=base)

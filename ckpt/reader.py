@@ -3,6 +3,8 @@
 Reading never creates anything. A checkpoint counts only with `_SUCCESS` and
 a manifest whose files are all there with the right sizes (and, verified
 deeply, the right checksum); anything else in `checkpoint_dir` is ignored.
+A delta checkpoint restores only with its whole chain: each base back to a
+full checkpoint must count too.
 """
 
 from __future__ import annotations
@@ -91,17 +93,47 @@ def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
     return sorted(out, key=lambda e: e.serial)
 
 
+def chain(storage: LocalStorage, manifest: Manifest, deep: bool = False,
+          checked: dict[int, list[str]] | None = None) -> list[Manifest]:
+    """The checkpoints to load to restore `manifest`, oldest first: a full checkpoint, then
+    each delta over it (just [manifest] for a full one). ValueError names the first link
+    that is missing, torn or damaged. `checked` caches verify() answers by serial."""
+    checked = {} if checked is None else checked
+    links = [manifest]
+    while links[0].kind == "delta":
+        head, base = links[0], links[0].base
+        where = f"checkpoint_{head.serial} is a delta of checkpoint_{base}"
+        if base >= head.serial:
+            raise ValueError(f"{where}, which is not older")
+        if not storage.exists(layout.checkpoint_name(base)):
+            raise ValueError(f"{where}, which is missing")
+        if base not in checked:
+            checked[base] = verify(storage, base, deep)
+        if checked[base]:
+            raise ValueError(f"{where}, which does not count: {_brief(checked[base])}")
+        links.insert(0, load_manifest(storage, base))
+    return links
+
+
+def _brief(problems: list[str]) -> str:
+    return "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
+
+
 def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None:
-    """The newest checkpoint that is complete and intact; damaged ones are skipped with a
-    warning saying what is wrong."""
+    """The newest checkpoint that is complete and intact, and (a delta) whose chain of bases
+    is too; others are skipped with a warning saying what is wrong."""
+    checked: dict[int, list[str]] = {}
     for e in reversed(entries(storage, deep=False)):
         problem = e.problem
         if problem is None:
-            problems = verify(storage, e.serial, deep)
-            problem = "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "") \
-                if problems else None
+            checked[e.serial] = verify(storage, e.serial, deep)
+            problem = _brief(checked[e.serial]) if checked[e.serial] else None
         if problem is None and e.manifest is not None:
-            return e.manifest
+            try:
+                chain(storage, e.manifest, deep, checked)
+                return e.manifest
+            except ValueError as err:
+                problem = f"cannot be restored: {err}"
         log.warning("skipping %s in %s: %s", layout.checkpoint_name(e.serial), storage.root,
                     problem)
     return None
@@ -156,17 +188,26 @@ def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: li
 
 
 def read_all(storage: LocalStorage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
-    """Every table (rows sorted by id) and dense variable of a checkpoint, in memory:
+    """Every table (rows sorted by id) and dense variable of a checkpoint (a delta: with its
+    chain applied), in memory:
     {"table/NAME": {"ids", "values", state...}, "dense/NAME": {"value", state...}}."""
     out: dict[str, dict[str, np.ndarray]] = {}
+    links = chain(storage, manifest)
     for name, spec in manifest.tables.items():
-        arrays = read_table(storage, manifest, name, ["ids", "values", *spec["state"]], 0,
-                            manifest.virtual_shards)
-        if arrays:
-            order = np.argsort(arrays["ids"], kind="stable")
-            arrays = {k: np.take(v, order, axis=0) for k, v in arrays.items()}
-        out[f"table/{name}"] = arrays
+        names = ["ids", "values", *spec["state"]]
+        pieces = [read_table(storage, link, name, names, 0, link.virtual_shards)
+                  for link in links]
+        out[f"table/{name}"] = newest_rows([p for p in pieces if p])
     for name, spec in manifest.dense.items():
         out[f"dense/{name}"] = {"value": read_dense(storage, manifest.serial, name), **{
             k: read_dense(storage, manifest.serial, name, k) for k in spec["state"]}}
     return out
+
+
+def newest_rows(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of several checkpoints (oldest first) merged: each id's newest row, by id."""
+    if not pieces:
+        return {}
+    merged = {k: np.concatenate([p[k] for p in pieces])[::-1] for k in pieces[0]}
+    _, first = np.unique(merged["ids"], return_index=True)  # reversed: first is newest
+    return {k: np.take(v, first, axis=0) for k, v in merged.items()}

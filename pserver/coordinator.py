@@ -27,9 +27,9 @@ from pserver.config import JobConfig
 from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
-# (pserver_id, serial) -> its part; None for a background save, whose part comes later
-# through `report_part`
-SaveShard = Callable[[int, int], Part | None]
+# (pserver_id, serial, base) -> its part; None for a background save, whose part comes later
+# through `report_part`. base >= 0: a delta of that checkpoint (rows changed since), -1: full
+SaveShard = Callable[[int, int, int], Part | None]
 
 
 class CheckpointFailed(FailedPrecondition):
@@ -48,6 +48,9 @@ class Coordinator:
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
+        # the base of the next delta and how many deltas it is past a full checkpoint
+        self._committed = (self.restore_serial, len(reader.chain(self.storage, manifest)) - 1
+                           if manifest is not None else 0)
         self._save_shard = save_shard
         self._cond = threading.Condition()
         self._ready: set[int] = set()
@@ -142,19 +145,21 @@ class Coordinator:
         """All trainers are in: assign the serial, start every pserver's save."""
         self.last_serial = max(self.last_serial, reader.max_serial(self.storage)) + 1
         serial = self.last_serial
+        base = self._base = self.ckpt.next_base(*self._committed)
         self._serial, self._parts, self._failures = serial, {}, []
         self._staged = set()
         self._final = any(p[-1] for p in self._round.values())
         self.storage.makedirs(f"checkpoint_{serial}")
         point = next(iter(self._round.values()))
-        log.info("coordinator: every trainer at %s; writing checkpoint_%d", point, serial)
+        log.info("coordinator: every trainer at %s; writing checkpoint_%d%s", point, serial,
+                 f" (delta of checkpoint_{base})" if base >= 0 else "")
         for p in range(self.config.num_pservers):
-            self._pool.submit(self._save_one, p, serial)
+            self._pool.submit(self._save_one, p, serial, base)
         self._cond.notify_all()
 
-    def _save_one(self, pserver_id: int, serial: int) -> None:
+    def _save_one(self, pserver_id: int, serial: int, base: int) -> None:
         try:
-            part = self._save_shard(pserver_id, serial)
+            part = self._save_shard(pserver_id, serial, base)
         except Exception as e:  # noqa: BLE001 - reported to every trainer
             log.exception("coordinator: pserver[%d] failed to save checkpoint_%d", pserver_id,
                           serial)
@@ -215,22 +220,23 @@ class Coordinator:
                 return
             parts, failures, final = list(self._parts.values()), list(self._failures), \
                 self._final
-        outcome = self._finish(serial, parts, failures, final)
+        outcome = self._finish(serial, parts, failures, final, self._base)
         with self._cond:
             self._outcome[serial] = outcome
             self._serial, self._round = None, {}
             self._cond.notify_all()
 
     def _finish(self, serial: int, parts: list[Part], failures: list[str],
-                final: bool) -> str | None:
+                final: bool, base: int) -> str | None:
         if failures:
             msg = f"checkpoint_{serial} failed and was not committed: " + "; ".join(failures)
             log.error("coordinator: %s", msg)
             return msg
         try:
             started = time.perf_counter()
-            manifest = merge(serial, self.facts, parts, final=final)
+            manifest = merge(serial, self.facts, parts, final=final, base=base)
             writer.commit(self.storage, manifest)
+            self._committed = (serial, self._committed[1] + 1 if base >= 0 else 0)
             removed = retention.rotate(self.storage, self.ckpt.max_num_checkpoints)
         except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
             log.exception("coordinator: committing checkpoint_%d failed", serial)

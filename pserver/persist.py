@@ -4,6 +4,11 @@ Saving writes the live arrays (the barrier holds every trainer, so nothing
 changes meanwhile) with rows grouped by virtual shard. Restoring reads, from
 every old pserver's files, the rows of the virtual shards this pserver owns
 now, so a checkpoint restores onto any number of pservers.
+
+A delta save (`base` given) writes, in the same files, only the rows changed
+since checkpoint `base` (see SparseTable.begin_save); dense variables are
+always whole. Restoring a delta loads its chain: the full checkpoint at its
+root, then each delta's rows over it, oldest first.
 """
 
 from __future__ import annotations
@@ -44,10 +49,15 @@ def _locks(shard: Shard) -> list:
     return [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
 
 
-def _stage(shard: Shard, copy: bool) -> Staged:
-    """The shard as it is now (call with every lock held)."""
+def _stage(shard: Shard, copy: bool, serial: int, base: int | None) -> Staged:
+    """The shard as it is now (call with every lock held): every row, or (base given) the
+    rows changed since checkpoint `base`."""
     v = shard.config.virtual_shards
-    tables = {n: t.snapshot() if copy else t.arrays() for n, t in shard.tables.items()}
+    tables = {}
+    for n, t in shard.tables.items():
+        rows = t.begin_save(serial, base)
+        tables[n] = t.rows_of(rows) if rows is not None else \
+            t.snapshot() if copy else t.arrays()
     return Staged(tables, {n: virtual_shard(arrays["ids"], v) for n, arrays in tables.items()},
                   {n: {k: a.copy() if copy else a for k, a in d.state.items()}
                    for n, d in shard.dense.items()},
@@ -55,18 +65,38 @@ def _stage(shard: Shard, copy: bool) -> Staged:
 
 
 def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
-           started: float) -> Part:
+           started: float, base: int | None) -> Part:
+    facts = {"applied": staged.applied,
+             "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
     part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, staged.vshards,
                               shard.config.virtual_shards, staged.dense_state,
-                              {"applied": staged.applied}, midway=_fault(serial))
+                              facts, midway=_fault(serial))
     seconds = time.perf_counter() - started
     size = sum(f.size for f in part.files)
-    log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
-             shard.pserver_id, serial, size / 1e6, seconds, size / max(seconds, 1e-9) / 1e9)
+    what = "" if base is None else f" (delta of checkpoint_{base})"
+    log.info("pserver[%d] wrote its part of checkpoint_%d%s: %.1f MB in %.2fs (%.2f GB/s)",
+             shard.pserver_id, serial, what, size / 1e6, seconds,
+             size / max(seconds, 1e-9) / 1e9)
     return part
 
 
-def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
+def _begin(shard: Shard, serial: int, base: int | None, copy: bool) -> Staged:
+    """Stage the shard under every lock; a table that cannot write the delta stages
+    nothing (FailedPrecondition)."""
+    locks = _locks(shard)
+    for lock in locks:
+        lock.acquire()
+    try:
+        return _stage(shard, copy, serial, base)
+    except ValueError as e:
+        raise FailedPrecondition(f"checkpoint_{serial}: {e}") from None
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def save_shard(shard: Shard, storage: LocalStorage, serial: int,
+               base: int | None = None) -> Part:
     """Write this pserver's part of checkpoint `serial` (a blocking save: nothing changes
     meanwhile, the barrier holds every trainer, so the live arrays are written).
 
@@ -75,34 +105,32 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
     PSRT_FAULT_SAVE_ENOSPC=serial makes that serial's save fail there as a full disk would.
     """
     started = time.perf_counter()
+    if base is not None:  # a delta: the changed rows are copied, then written unlocked
+        return _write(shard, _begin(shard, serial, base, copy=True), storage, serial,
+                      started, base)
     locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
-        return _write(shard, _stage(shard, copy=False), storage, serial, started)
+        return _write(shard, _stage(shard, False, serial, None), storage, serial, started,
+                      None)
     finally:
         for lock in locks:
             lock.release()
 
 
 def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
-                          report: Callable[[Part | None, str | None], None]) -> float:
+                          report: Callable[[Part | None, str | None], None],
+                          base: int | None = None) -> float:
     """Copy the shard in memory (the only part the trainers wait for), then write it in a
     thread and `report(part, error)`. Returns the seconds the copy took."""
     started = time.perf_counter()
-    locks = _locks(shard)
-    for lock in locks:
-        lock.acquire()
-    try:
-        staged = _stage(shard, copy=True)
-    finally:
-        for lock in locks:
-            lock.release()
+    staged = _begin(shard, serial, base, copy=True)
     stall = time.perf_counter() - started
 
     def write() -> None:
         try:
-            part = _write(shard, staged, storage, serial, started)
+            part = _write(shard, staged, storage, serial, started, base)
         except Exception as e:  # noqa: BLE001 - reported to the coordinator
             log.exception("pserver[%d] failed to write checkpoint_%d", shard.pserver_id, serial)
             report(None, f"{type(e).__name__}: {e}")
@@ -166,15 +194,23 @@ def check_compatible(shard: Shard, manifest: Manifest) -> None:
 
 def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
     """Replace this pserver's tables, dense variables and step counters with the
-    checkpoint's, reading only the virtual shards it owns."""
+    checkpoint's, reading only the virtual shards it owns (of each link of its chain)."""
     check_compatible(shard, manifest)
     started = time.perf_counter()
     cfg = shard.config
     vs = owned_range(shard.pserver_id, cfg.num_pservers, cfg.virtual_shards)
+    links = reader.chain(storage, manifest, deep=False)
+    for link in links:
+        check_compatible(shard, link)
     for name, t in shard.tables.items():
         names = ["ids", "values", *optimizers.state_layout(t.spec.optimizer, (t.dim,))]
-        arrays = reader.read_table(storage, manifest, name, names, vs.start, vs.stop)
+        arrays = reader.read_table(storage, links[0], name, names, vs.start, vs.stop)
         t.load(arrays if arrays else t.empty_arrays())
+        for link in links[1:]:
+            delta = reader.read_table(storage, link, name, names, vs.start, vs.stop)
+            if delta:
+                t.upsert(delta)
+        t.restored(manifest.serial)
     for name, d in shard.dense.items():
         value = reader.read_dense(storage, manifest.serial, name)
         state = {k: reader.read_dense(storage, manifest.serial, name, k) for k in d.state}
@@ -184,6 +220,8 @@ def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
             gate.applied = manifest.global_step if cfg.mode == "sync" else 0
             gate.pending.clear()
             gate.cond.notify_all()
-    log.info("pserver[%d] restored checkpoint_%d (step %d) in %.2fs: %s", shard.pserver_id,
-             manifest.serial, manifest.global_step, time.perf_counter() - started,
+    chain = "" if len(links) == 1 else \
+        " (chain " + " -> ".join(str(m.serial) for m in links) + ")"
+    log.info("pserver[%d] restored checkpoint_%d%s (step %d) in %.2fs: %s", shard.pserver_id,
+             manifest.serial, chain, manifest.global_step, time.perf_counter() - started,
              ", ".join(f"{n} {len(t)} rows" for n, t in shard.tables.items()) or "no tables")

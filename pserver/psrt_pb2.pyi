@@ -193,12 +193,16 @@ class PushBatchResponse(_message.Message):
     def __init__(self, applied_steps: _Optional[int] = ...) -> None: ...
 
 class SaveShardRequest(_message.Message):
-    __slots__ = ("serial", "background")
+    __slots__ = ("serial", "background", "delta", "base")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     serial: int
     background: bool
-    def __init__(self, serial: _Optional[int] = ..., background: _Optional[bool] = ...) -> None: ...
+    delta: bool
+    base: int
+    def __init__(self, serial: _Optional[int] = ..., background: _Optional[bool] = ..., delta: _Optional[bool] = ..., base: _Optional[int] = ...) -> None: ...
 
 class SaveShardResponse(_message.Message):
     __slots__ = ("part",)

@@ -110,21 +110,23 @@ def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
 
     background = config.checkpoint.background
 
-    def save_shard(pserver_id: int, serial: int) -> Part | None:
+    def save_shard(pserver_id: int, serial: int, base: int) -> Part | None:
         if pserver_id == shard.pserver_id:
             if background:
                 persist.save_shard_background(
                     shard, storage, serial,
-                    lambda part, err: coordinator.report_part(pserver_id, serial, part, err))
+                    lambda part, err: coordinator.report_part(pserver_id, serial, part, err),
+                    base if base >= 0 else None)
                 return None
-            return persist.save_shard(shard, storage, serial)
+            return persist.save_shard(shard, storage, serial, base if base >= 0 else None)
         address = coordinator.address_of(pserver_id)
         with grpc.insecure_channel(address, options=channel_options(config)) as ch:
             call = ch.unary_unary(f"/{SERVICE}/SaveShard",
                                   request_serializer=pb.SaveShardRequest.SerializeToString,
                                   response_deserializer=pb.SaveShardResponse.FromString)
             try:
-                resp = call(pb.SaveShardRequest(serial=serial, background=background),
+                resp = call(pb.SaveShardRequest(serial=serial, background=background,
+                                                delta=base >= 0, base=max(base, 0)),
                             timeout=config.rpc.checkpoint_timeout_s)
             except grpc.RpcError as e:
                 raise from_rpc_error(e, f"SaveShard on pserver[{pserver_id}] at {address}") \

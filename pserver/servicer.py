@@ -17,7 +17,13 @@ from google.protobuf.message import DecodeError
 from ckpt.storage import LocalStorage
 from pserver import codec, persist
 from pserver import psrt_pb2 as pb
-from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, status_of
+from pserver.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PsrtError,
+    ResourceExhausted,
+    status_of,
+)
 from pserver.shard import Shard
 from pserver.wire import ROW_DTYPE, decode_tensor, encode_tensor
 
@@ -110,11 +116,15 @@ class Servicer:
         if ck is None:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
         storage = LocalStorage(ck.checkpoint_dir)
+        if req.delta and not 0 <= req.base < req.serial:
+            raise InvalidArgument(f"SaveShard: a delta's base must be an older serial, 0 <= "
+                                  f"base < {req.serial}, got {req.base}")
+        base = req.base if req.delta else None
         if req.background:
             persist.save_shard_background(self.shard, storage, req.serial,
-                                          self._reporter(req.serial))
+                                          self._reporter(req.serial), base)
             return pb.SaveShardResponse(part="")
-        part = persist.save_shard(self.shard, storage, req.serial)
+        part = persist.save_shard(self.shard, storage, req.serial, base)
         return pb.SaveShardResponse(part=part.to_json())
 
     def _reporter(self, serial: int) -> Any:

@@ -4,6 +4,13 @@ A `SparseTable` keeps its rows in contiguous arrays that grow by doubling:
 `ids` (uint64), `values` (rows x dim float32) and the optimizer's per-row
 state, all indexed by the row number an `IdIndex` hands out. A row is created
 on first pull (or push) with its deterministic initial value.
+
+For incremental checkpoints every row slot also has a save stamp: the table's
+save generation when the row was last created or changed. Each checkpoint
+marks the generation it saw (`begin_save`), so the rows changed since any
+checkpoint this table saved or restored are those stamped after its mark.
+Nothing is cleared when a save is taken: a save that fails or is never
+committed leaves the next delta (against the last committed base) complete.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ class SparseTable:
         self._size = 0
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._snapshots: dict[str, np.ndarray] = {}
+        self._gen = 1  # the save generation stamped on rows changed now
+        self._marks: dict[int, int] = {}  # checkpoint serial -> the generation it saw
+        self._stamps = np.zeros(0, dtype=np.uint32)
         self._alloc(max(16, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -48,6 +58,9 @@ class SparseTable:
             for name, arr in arrays.items():
                 arr[: self._size] = old[name][: self._size]
         self._arrays = arrays
+        stamps = np.zeros(capacity, dtype=np.uint32)
+        stamps[: self._size] = self._stamps[: self._size]
+        self._stamps = stamps
 
     def __len__(self) -> int:
         return self._size
@@ -95,6 +108,7 @@ class SparseTable:
             )
             for name, (_, _, init) in self._layout.items():
                 a[name][start:end] = init
+            self._stamps[start:end] = self._gen
             self._size = end
         return rows
 
@@ -108,6 +122,7 @@ class SparseTable:
         """Apply gradients; duplicate ids are summed first, in the order they appear."""
         with self.lock:
             rows, grads = sum_duplicates(self._rows_for(ids), grads)
+            self._stamps[rows] = self._gen
             a = self._arrays
             values = a["values"]
             step = max(1, _BLOCK_BYTES // (4 * self.dim))
@@ -136,6 +151,46 @@ class SparseTable:
                 self._snapshots[name] = snap
             np.copyto(snap[:n], arr[:n])
         return {name: snap[:n] for name, snap in self._snapshots.items()}
+
+    def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
+        """Mark checkpoint `serial` (hold `lock`): None for a full save, else the row numbers
+        changed since checkpoint `base` (created or updated), ascending. ValueError when this
+        table never saw `base` (it was neither saved nor restored here)."""
+        rows = None
+        if base is not None:
+            if base not in self._marks:
+                raise ValueError(f"table {self.spec.name!r} cannot write a delta of "
+                                 f"checkpoint_{base}: this pserver did not save or restore it "
+                                 f"(known: {sorted(self._marks)})")
+            rows = np.flatnonzero(self._stamps[: self._size] > self._marks[base])
+            # later deltas are of `base` or of a newer checkpoint: older marks are done
+            self._marks = {s: g for s, g in self._marks.items() if s >= base}
+        self._marks[serial] = self._gen
+        self._gen += 1
+        return rows
+
+    def rows_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Copies of some rows (hold `lock`), every array."""
+        return {name: np.take(arr, rows, axis=0) for name, arr in self._arrays.items()}
+
+    def upsert(self, arrays: dict[str, np.ndarray]) -> None:
+        """Overwrite rows (creating absent ones) with saved arrays: a delta applied to a
+        restored base. The rows count as restored (unchanged since the checkpoint)."""
+        ids = np.ascontiguousarray(arrays["ids"], dtype=np.uint64)
+        with self.lock:
+            rows = self._lookup_or_create(ids)
+            for name, arr in self._arrays.items():
+                if name != "ids":
+                    arr[rows] = arrays[name]
+            self._stamps[rows] = 0
+            self._recent.clear()
+
+    def restored(self, serial: int) -> None:
+        """The table now holds checkpoint `serial` exactly: later deltas may use it as base."""
+        with self.lock:
+            self._stamps[: self._size] = 0
+            self._gen = 1
+            self._marks = {serial: 0}
 
     def empty_arrays(self) -> dict[str, np.ndarray]:
         return {name: arr[:0] for name, arr in self._arrays.items()}
@@ -166,7 +221,9 @@ class SparseTable:
             self._recent.clear()
             self._arrays = adopted if n else {k: np.empty((16,) + v.shape[1:], v.dtype)
                                               for k, v in adopted.items()}
+            self._stamps = np.zeros(len(self._arrays["ids"]), dtype=np.uint32)
             self._size = n
+            self._gen, self._marks = 1, {}
 
 
 class DenseVariable:

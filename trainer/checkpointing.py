@@ -34,12 +34,13 @@ class Checkpointer:
         if trainer.standalone:
             shard = trainer.client.shard
 
-            def save(_pserver: int, serial: int) -> Part | None:
+            def save(_pserver: int, serial: int, base: int) -> Part | None:
+                delta_of = base if base >= 0 else None
                 if not config.background:
-                    return persist.save_shard(shard, self.storage, serial)
+                    return persist.save_shard(shard, self.storage, serial, delta_of)
                 persist.save_shard_background(
                     shard, self.storage, serial,
-                    lambda part, err: self.coord.report_part(0, serial, part, err))
+                    lambda part, err: self.coord.report_part(0, serial, part, err), delta_of)
                 return None
 
             self.coord: Coordinator | CoordinatorClient = Coordinator(
