@@ -1,7 +1,9 @@
 """`python -m ckpt`: look into a checkpoint directory.
 
-    python -m ckpt ls DIR               every checkpoint: serial, epoch, step, complete, size, age
-    python -m ckpt verify DIR [SERIAL]  sizes and checksums against the manifest (exit 1 on damage)
+    python -m ckpt ls DIR               every checkpoint: serial, epoch, step, complete, full or
+                                        delta of which, size, age
+    python -m ckpt verify DIR [SERIAL]  sizes and checksums against the manifest, and that a
+                                        delta's chain of bases is there (exit 1 on damage)
     python -m ckpt show DIR SERIAL      tables, rows per shard, dense variables and shapes
     python -m ckpt unlock DIR           break the lock of a job that is gone
 """
@@ -26,7 +28,7 @@ def _age(seconds: float) -> str:
 def cmd_ls(storage: LocalStorage) -> int:
     rows = reader.entries(storage, deep=False)
     print(f"{'serial':>6}  {'epoch':>5}  {'step':>6}  {'global':>7}  {'state':<10}  "
-          f"{'size':>10}  {'age':>6}  note")
+          f"{'kind':<8}  {'base':>4}  {'size':>10}  {'age':>6}  note")
     now = time.time()
     for e in rows:
         m = e.manifest
@@ -35,8 +37,11 @@ def cmd_ls(storage: LocalStorage) -> int:
         size = f"{m.total_bytes / 1e6:.1f} MB" if m else "-"
         age = _age(now - m.created) if m else "-"
         note = ("final" if m and m.final else "") if e.problem is None else e.problem
+        kind = m.kind if m else "-"
+        base = m.base if m and m.kind == "delta" else "-"
         print(f"{e.serial:>6}  {t0.get('epoch_id', '-'):>5}  {t0.get('step_id', '-'):>6}  "
-              f"{m.global_step if m else '-':>7}  {state:<10}  {size:>10}  {age:>6}  {note}")
+              f"{m.global_step if m else '-':>7}  {state:<10}  {kind:<8}  {base:>4}  "
+              f"{size:>10}  {age:>6}  {note}")
     if not rows:
         print(f"(no checkpoints in {storage.root})")
     return 0
@@ -47,6 +52,11 @@ def cmd_verify(storage: LocalStorage, serial: int | None) -> int:
     bad = 0
     for s in serials:
         problems = reader.verify(storage, s, deep=True)
+        if not problems:
+            try:
+                links = reader.chain(storage, reader.load_manifest(storage, s), deep=True)
+            except ValueError as e:
+                problems = [f"not restorable: {e}"]
         if problems:
             bad += 1
             print(f"{layout.checkpoint_name(s)}: DAMAGED")
@@ -54,8 +64,10 @@ def cmd_verify(storage: LocalStorage, serial: int | None) -> int:
                 print(f"  {p}")
         else:
             m = reader.load_manifest(storage, s)
+            chain = "" if len(links) == 1 else \
+                ", a delta restored as " + " -> ".join(str(x.serial) for x in links)
             print(f"{layout.checkpoint_name(s)}: ok ({len(m.files)} files, "
-                  f"{m.total_bytes / 1e6:.1f} MB)")
+                  f"{m.total_bytes / 1e6:.1f} MB{chain})")
     return 1 if bad else 0
 
 
@@ -64,12 +76,17 @@ def cmd_show(storage: LocalStorage, serial: int) -> int:
     print(f"{layout.checkpoint_name(serial)} of job {m.job!r}: {m.mode} mode, "
           f"{m.num_pservers} pservers, {m.num_trainers} trainers, {m.virtual_shards} virtual "
           f"shards, global step {m.global_step}{', final' if m.final else ''}")
+    delta = m.kind == "delta"
+    if delta:
+        print(f"a delta of checkpoint_{m.base}: its table files hold only the rows changed "
+              f"since (dense variables and counters are whole)")
     print("tables:")
     for name, spec in m.tables.items():
         rows = [m.pservers.get(str(p), {}).get("rows", {}).get(name, 0)
                 for p in range(m.num_pservers)]
         print(f"  {name}: dim {spec['dim']}, {spec['optimizer']} (state: "
-              f"{', '.join(spec['state']) or 'none'}), rows per shard {rows}, total {sum(rows)}")
+              f"{', '.join(spec['state']) or 'none'}), {'changed ' if delta else ''}rows per "
+              f"shard {rows}, total {sum(rows)}")
     print("dense variables:")
     for name, spec in m.dense.items():
         print(f"  {name}: shape {spec['shape']}, {spec['optimizer']}, on pserver "

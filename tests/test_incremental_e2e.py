@@ -1,0 +1,93 @@
+"""Incremental checkpoints end to end (real processes, sync mode): a job saving deltas ends
+bit-identical to one saving full checkpoints, also when killed in the middle of a delta."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt import reader
+from ckpt.storage import LocalStorage
+from tests.conftest import generated_data, python_env
+from tests.test_checkpoint import (
+    _pid_of,
+    assert_identical,
+    final_state,
+    launch,
+    run_to_end,
+    write_job,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generated_data(tmp_path_factory, "ckdata", 3000, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final parameters of the job saving full checkpoints only (full_every = 1)."""
+    work = tmp_path_factory.mktemp("reference")
+    run_to_end(write_job(data_dir, work, work / "ckpt"))
+    return final_state(work / "ckpt")
+
+
+def ckpt_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckpt", *args], env=python_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_deltas_end_bit_identical_to_full_checkpoints(data_dir: Path, tmp_path: Path,
+                                                      reference: dict,
+                                                      background: bool) -> None:
+    ckdir = tmp_path / "ckpt"
+    run_to_end(write_job(data_dir, tmp_path, ckdir, full_every=3, background=background))
+    assert_identical(final_state(ckdir), reference)  # reference: full_every = 1
+    entries = [e for e in reader.entries(LocalStorage(ckdir)) if e.manifest]
+    kinds = {e.serial: (e.manifest.kind, e.manifest.base) for e in entries}
+    assert any(kind == "delta" for kind, _ in kinds.values()), kinds
+    for kind, base in kinds.values():  # rotation kept every base a delta needs
+        if kind == "delta":
+            assert base in kinds, kinds
+    ls = ckpt_cli("ls", str(ckdir))
+    assert ls.returncode == 0
+    delta_serial, (_, base) = next((s, kb) for s, kb in kinds.items() if kb[0] == "delta")
+    assert re.search(rf"^\s*{delta_serial}\s.*complete\s+delta\s+{base}\s", ls.stdout, re.M), \
+        ls.stdout
+    v = ckpt_cli("verify", str(ckdir))
+    assert v.returncode == 0 and "a delta restored as" in v.stdout, v.stdout
+    show = ckpt_cli("show", str(ckdir), str(delta_serial))
+    assert f"a delta of checkpoint_{base}" in show.stdout and "changed rows per shard" in \
+        show.stdout
+
+
+def test_sigkill_in_the_middle_of_a_delta_save_restores_bit_identical(
+        data_dir: Path, tmp_path: Path, reference: dict) -> None:
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, full_every=3)
+    env = python_env()
+    env["PSRT_FAULT_SAVE_SLEEP_S"] = "3"
+    p = launch(job, env=env)
+    target = re.compile(r"writing checkpoint_(\d+) \(delta of checkpoint_(\d+)\)")
+    for line in p.stdout:
+        m = target.search(line)
+        if m and int(m.group(1)) >= 2:  # the second delta of a chain: 0 <- 1 <- 2
+            break
+    else:
+        pytest.fail("the job ended before the kill")
+    serial = int(m.group(1))
+    os.kill(_pid_of(job, "pserver", 1), signal.SIGKILL)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    out = run_to_end(job)
+    assert f"restored checkpoint_{serial - 1} (chain " in out  # the torn delta was skipped
+    assert_identical(final_state(ckdir), reference)
