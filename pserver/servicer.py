@@ -112,13 +112,13 @@ class Servicer:
         return codec.encode_push_response(applied)
 
     def SaveShard(self, req: pb.SaveShardRequest, ctx: grpc.ServicerContext) -> Any:
+        if req.delta and not 0 <= req.base < req.serial:
+            raise InvalidArgument(f"SaveShard: a delta's base must be an older serial, 0 <= "
+                                  f"base < {req.serial}, got {req.base}")
         ck = self.shard.config.checkpoint
         if ck is None:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
         storage = LocalStorage(ck.checkpoint_dir)
-        if req.delta and not 0 <= req.base < req.serial:
-            raise InvalidArgument(f"SaveShard: a delta's base must be an older serial, 0 <= "
-                                  f"base < {req.serial}, got {req.base}")
         base = req.base if req.delta else None
         if req.background:
             persist.save_shard_background(self.shard, storage, req.serial,
