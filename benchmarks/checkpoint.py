@@ -1,17 +1,25 @@
-"""A blocking checkpoint of two pservers, and a restore, against the disk's own speed.
+"""Checkpoints of two pservers: blocking and background saves, deltas, restore, resharding.
 
-    python benchmarks/checkpoint.py [--rows N] [--dir DIR]
+    python benchmarks/checkpoint.py [--rows N] [--dir DIR] [--touch F] [--window S]
 
 Two pserver processes hold one table of N rows (default 4,000,000) of dim 64
 with Adagrad state. The script saves a checkpoint through the coordinator (as
-the job's only trainer: barrier, its part, commit) and times it; then stops
-both pservers, evicts the files from the page cache, starts them again and
-times the restore (the coordinator's checksum verification plus each pserver's
-load). Then, with `checkpoint.background = true`, it saves again and times how
-long the trainer is held (`stall_s`: the pservers copy their shards in memory)
-against the blocking save. In the same run, on the same file system, it measures the disk: a
+the job's only trainer: barrier, its part, commit) and times it (`blocking_save_s`);
+then stops both pservers, evicts the files from the page cache, starts them
+again with `background = true` and `full_every = 2`, and times the restore (the
+coordinator's checksum verification plus the slowest pserver's load). Then:
+it pushes gradients to a fraction F of the rows (default 1%) and saves a delta
+(`incremental_bytes_vs_full`: its bytes over the full checkpoint's); saves
+fulls in the background and times how long the trainer is held (`stall_s`, the
+pservers copy their shards in memory; the first such save maps the snapshot
+buffers) against the blocking save; and runs a trainer's load (pushes of 4096
+random rows, back to back) for S seconds with no save, then while a full save
+is written (`train_during_save_vs_idle`: pushes/s during over pushes/s idle).
+Last, it restores the newest (full) checkpoint onto three pservers, cold
+(`reshard_restore_s`, against the plain restore: `reshard_vs_plain_restore`).
+In the same run, on the same file system, it measures the disk: a
 sequential write of the same byte count with fsync, and a cold read of it,
-right before the save and again after the restore (the mean of the two is the
+right before the save and again at the end (the mean of the two is the
 ceiling: this machine's disk speed swings a lot from minute to minute).
 The last line is JSON.
 """
@@ -26,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -75,42 +84,117 @@ def disk_ceiling(directory: Path, nbytes: int) -> tuple[float, float]:
     return write, read
 
 
-def start(job: Path, work: Path, tag: str) -> tuple[list[subprocess.Popen], list[Path], float]:
-    """Both pservers (pserver 0 first: it hosts the coordinator); returns when both serve."""
-    logs = [work / f"{tag}-pserver{i}.log" for i in range(2)]
-    ready = [work / f"{tag}-pserver{i}.ready" for i in range(2)]
+def start(job: Path, work: Path, tag: str, n: int = 2
+          ) -> tuple[list[subprocess.Popen], list[Path], float]:
+    """`n` pservers (pserver 0 first: it hosts the coordinator); returns when all serve."""
+    logs = [work / f"{tag}-pserver{i}.log" for i in range(n)]
+    ready = [work / f"{tag}-pserver{i}.ready" for i in range(n)]
+    for r in ready:
+        r.unlink(missing_ok=True)  # a file of an earlier run in --dir
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "pserver", "--config", str(job), "--log-level", "INFO"]
-    procs = [subprocess.Popen([*base, "--id", "0", "--ready-file", str(ready[0])], env=env,
-                              stdout=open(logs[0], "w"), stderr=subprocess.STDOUT)]
+
+    def one(i: int, extra: list[str]) -> subprocess.Popen:
+        return subprocess.Popen([*base, "--id", str(i), "--ready-file", str(ready[i]), *extra],
+                                env=env, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
+
+    pservers = '["' + '","'.join(["127.0.0.1:0"] * n) + '"]'
+    procs = [one(0, ["--set", f"job.pservers={pservers}"])]
     first = wait_ready_file(ready[0], procs[0], 600)
-    procs.append(subprocess.Popen([*base, "--id", "1", "--ready-file", str(ready[1]), "--set",
-                                   f'job.pservers=["{first}","127.0.0.1:0"]'], env=env,
-                                  stdout=open(logs[1], "w"), stderr=subprocess.STDOUT))
-    second = wait_ready_file(ready[1], procs[1], 600)
+    pservers = pservers.replace("127.0.0.1:0", first, 1)
+    procs += [one(i, ["--set", f"job.pservers={pservers}"]) for i in range(1, n)]
+    addrs = [first] + [wait_ready_file(ready[i], procs[i], 600) for i in range(1, n)]
     seconds = time.perf_counter() - t0
-    (work / "addresses").write_text(f"{first}\n{second}\n")
+    (work / "addresses").write_text("\n".join(addrs) + "\n")
     return procs, logs, seconds
 
 
-def background_save(job: Path, work: Path, storage: LocalStorage) -> tuple[float, float]:
-    """(seconds the trainer is held, seconds until committed) of one background save."""
+def connect(job: Path, work: Path) -> cfg.JobConfig:
     addrs = (work / "addresses").read_text().split()
-    config = cfg.load(job, [f'job.pservers=["{addrs[0]}","{addrs[1]}"]'])
-    coord = CoordinatorClient(config)
-    serial = coord.join_trainer(0)
-    state = reader.read_trainer(storage, serial, 0)[2]
-    step = state["global_step"] + 1
-    t0 = time.perf_counter()
-    new = coord.barrier(0, step, 0, step, False)
-    part = writer.write_trainer(storage, new, 0, 0, step, {"global_step": step})
-    coord.commit(0, new, part, None)
-    stall = time.perf_counter() - t0
-    while reader.newest_complete(storage, deep=False).serial != new:
-        time.sleep(0.02)
-    coord.close()
-    return stall, time.perf_counter() - t0
+    return cfg.load(job, ["job.pservers=[" + ",".join(f'"{a}"' for a in addrs) + "]"])
+
+
+class Saver:
+    """The job's only trainer towards the coordinator: barrier, its part, commit."""
+
+    def __init__(self, config: cfg.JobConfig, storage: LocalStorage) -> None:
+        self.coord, self.storage = CoordinatorClient(config), storage
+        serial = self.coord.join_trainer(0)
+        self.step = reader.read_trainer(storage, serial, 0)[2]["global_step"] if serial >= 0 \
+            else 0
+
+    def save(self, final: bool = False) -> tuple[int, float, float]:
+        """(serial, seconds the trainer is held, seconds until committed)."""
+        while True:  # -1: the last save is still being finished (committed, not yet done)
+            self.step += 1
+            t0 = time.perf_counter()
+            new = self.coord.barrier(0, self.step, 0, self.step, final)
+            if new >= 0:
+                break
+            time.sleep(0.05)
+        part = writer.write_trainer(self.storage, new, 0, 0, self.step,
+                                    {"global_step": self.step})
+        self.coord.commit(0, new, part, None)
+        stall = time.perf_counter() - t0
+        while not self.storage.exists(f"checkpoint_{new}/_SUCCESS"):
+            time.sleep(0.02)
+        return new, stall, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.coord.close()
+
+
+class Pusher:
+    """A trainer's load: pushes of BATCH rows (Adagrad), back to back, in a thread; records
+    when each push ended."""
+
+    BATCH = 4096
+
+    def __init__(self, config: cfg.JobConfig, ids: np.ndarray) -> None:
+        self.client = PSClient(config, 0)
+        self.ids, self.done, self.stop = ids, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(1)
+        grads = rng.standard_normal((self.BATCH, DIM)).astype(np.float32) * 1e-3
+        while not self.stop.is_set():
+            batch = np.unique(self.ids[rng.integers(0, len(self.ids), self.BATCH)])
+            self.client.push("emb", batch, grads[:len(batch)])
+            self.done.append(time.perf_counter())
+
+    def rate(self, t0: float, t1: float) -> float:
+        """Pushes per second that ended within [t0, t1]."""
+        return sum(t0 <= t <= t1 for t in self.done) / max(t1 - t0, 1e-9)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        self.client.close()
+
+
+def touch(config: cfg.JobConfig, ids: np.ndarray, fraction: float) -> int:
+    """Push gradients to `fraction` of the rows (the first ones: any rows would do)."""
+    n = int(len(ids) * fraction)
+    client = PSClient(config, 0)
+    grads = np.full((65_536, DIM), 1e-3, dtype=np.float32)
+    for lo in range(0, n, 65_536):
+        chunk = ids[lo:min(n, lo + 65_536)]
+        client.push("emb", chunk, grads[:len(chunk)])
+    client.close()
+    return n
+
+
+def restore_seconds(logs: list[Path]) -> tuple[float, float]:
+    """(verify + the slowest pserver's load, that load) from a start's logs."""
+    text = "".join(p.read_text() for p in logs)
+    loads = [float(x) for x in re.findall(
+        r"restored checkpoint_\d+(?: \(chain [^)]*\))? \(step \d+\) in ([\d.]+)s", text)]
+    assert len(loads) == len(logs), text[-2000:]
+    verify_s = float(re.search(r"verified in ([\d.]+)s", text).group(1))
+    return verify_s + max(loads), max(loads)
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -125,6 +209,10 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4_000_000)
     ap.add_argument("--dir", help="where to write (default: a temporary directory)")
+    ap.add_argument("--touch", type=float, default=0.01,
+                    help="fraction of the rows changed before the delta (default 0.01)")
+    ap.add_argument("--window", type=float, default=3.0,
+                    help="seconds of pushes timed with no save running (default 3)")
     args = ap.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="psrt-ckpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -136,71 +224,128 @@ def main() -> None:
            "rpc": {"checkpoint_timeout_s": 3600.0}}
     job = work / "job.toml"
     job.write_text(dump_toml(doc))
-    procs, logs, _ = start(job, work, "fill")
-    addrs = (work / "addresses").read_text().split()
-    config = cfg.load(job, [f'job.pservers=["{addrs[0]}","{addrs[1]}"]'])
-    client = PSClient(config)
-    client.wait_ready()
+    out: dict = {"rows": args.rows}
     ids = np.arange(args.rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    t0 = time.perf_counter()
-    for lo in range(0, args.rows, 262_144):
-        client.pull("emb", ids[lo:lo + 262_144], unique=True)
-    print(f"filled {args.rows:,} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-    # this kind of machine's disk speed swings from run to run (bursts, throttling):
-    # measure it right before the save and again after the restore, and use the mean
-    before = disk_ceiling(work, args.rows * (DIM * 8 + 24))
-    print(f"disk before: write+fsync {before[0]:.2f} GB/s, cold read {before[1]:.2f} GB/s",
-          flush=True)
-    coord = CoordinatorClient(config)
-    storage = LocalStorage(ckdir)
-    assert coord.join_trainer(0) == -1
-    t0 = time.perf_counter()
-    serial = coord.barrier(0, 1, 0, 0, True)
-    part = writer.write_trainer(storage, serial, 0, 0, 0, {"global_step": 1})
-    coord.commit(0, serial, part, None)
-    save_s = time.perf_counter() - t0
-    nbytes = reader.load_manifest(storage, serial).total_bytes
-    print(f"saved checkpoint_{serial}: {nbytes / 1e9:.2f} GB in {save_s:.2f}s", flush=True)
-    coord.close()
-    client.close()
-    stop(procs)
+    before = blocking_phase(job, work, ckdir, ids, out)
+    # background saves, a full one every 2: restored full, then delta, full, delta, ...
+    job.write_text(dump_toml({**doc, "checkpoint": {**doc["checkpoint"], "background": True,
+                                                    "full_every": 2}}))
+    background_phase(job, work, ckdir, ids, args, out)
     evict(ckdir)
-    job.write_text(dump_toml({**doc, "checkpoint": {**doc["checkpoint"], "background": True}}))
-    procs, logs, restore_total_s = start(job, work, "restore")
-    first_stall_s, _ = background_save(job, work, storage)  # maps the snapshot buffers
-    stall_s, background_s = background_save(job, work, storage)
-    print(f"background save: trainers held {stall_s:.2f}s (the first one {first_stall_s:.2f}s, "
-          f"while the snapshot buffers are mapped), committed after {background_s:.2f}s",
-          flush=True)
+    procs, logs, _ = start(job, work, "reshard", n=3)  # the newest checkpoint is full
     stop(procs)
-    text = "".join(p.read_text() for p in logs)
-    loads = [float(x) for x in re.findall(r"restored checkpoint_\d+ \(step \d+\) in ([\d.]+)s",
-                                          text)]
-    verify_s = float(re.search(r"verified in ([\d.]+)s", text).group(1))
-    restore_s = verify_s + max(loads)
-    print(f"restored in {restore_s:.2f}s (verify {verify_s:.2f}s + load {max(loads):.2f}s; "
-          f"process start to serving {restore_total_s:.2f}s)", flush=True)
-    after = disk_ceiling(work, nbytes)
+    out["reshard_restore_s"], _ = restore_seconds(logs)
+    print(f"restored onto 3 pservers in {out['reshard_restore_s']:.2f}s", flush=True)
+    after = disk_ceiling(work, out["bytes"])
     print(f"disk after: write+fsync {after[0]:.2f} GB/s, cold read {after[1]:.2f} GB/s",
           flush=True)
-    write_gbps, read_gbps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
-    save_gbps, restore_gbps = nbytes / save_s / 1e9, nbytes / restore_s / 1e9
-    print(json.dumps({
-        "rows": args.rows, "bytes": nbytes, "save_s": round(save_s, 3),
-        "restore_s": round(restore_s, 3), "verify_s": round(verify_s, 3),
-        "load_s": round(max(loads), 3), "restore_total_s": round(restore_total_s, 3),
-        "disk_write_gbps": round(write_gbps, 3), "disk_read_gbps": round(read_gbps, 3),
-        "disk_write_gbps_before_after": [round(before[0], 3), round(after[0], 3)],
-        "disk_read_gbps_before_after": [round(before[1], 3), round(after[1], 3)],
-        "save_vs_disk": round(save_gbps / write_gbps, 3),
-        "blocking_save_s": round(save_s, 3), "stall_s": round(stall_s, 3),
-        "stall_vs_blocking": round(stall_s / save_s, 3),
-        "background_commit_s": round(background_s, 3),
-        "first_stall_s": round(first_stall_s, 3),
-        "restore_vs_disk": round(restore_gbps / read_gbps, 3),
-    }))
+    print(json.dumps(summary(out, before, after)))
     if args.dir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def blocking_phase(job: Path, work: Path, ckdir: Path, ids: np.ndarray,
+                   out: dict) -> tuple[float, float]:
+    """Fill the table, time a blocking full save; returns the disk speed measured before."""
+    procs, _, _ = start(job, work, "fill")
+    config = connect(job, work)
+    client = PSClient(config)
+    client.wait_ready()
+    t0 = time.perf_counter()
+    for lo in range(0, len(ids), 262_144):
+        client.pull("emb", ids[lo:lo + 262_144], unique=True)
+    client.close()
+    print(f"filled {len(ids):,} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    # this kind of machine's disk speed swings from run to run (bursts, throttling):
+    # measure it right before the save and again after the restore, and use the mean
+    before = disk_ceiling(work, len(ids) * (DIM * 8 + 24))
+    print(f"disk before: write+fsync {before[0]:.2f} GB/s, cold read {before[1]:.2f} GB/s",
+          flush=True)
+    storage = LocalStorage(ckdir)
+    saver = Saver(config, storage)
+    serial, out["save_s"], _ = saver.save(final=True)
+    saver.close()
+    out["bytes"] = reader.load_manifest(storage, serial).total_bytes
+    print(f"saved checkpoint_{serial}: {out['bytes'] / 1e9:.2f} GB in {out['save_s']:.2f}s",
+          flush=True)
+    stop(procs)
+    evict(ckdir)
+    return before
+
+
+def background_phase(job: Path, work: Path, ckdir: Path, ids: np.ndarray,
+                     args: argparse.Namespace, out: dict) -> None:
+    """Restore (timed), then background saves: a delta after touching a fraction of the
+    rows, fulls (the trainers' stall), and pushes timed while a full save is written."""
+    procs, logs, out["restore_total_s"] = start(job, work, "restore")
+    out["restore_s"], out["load_s"] = restore_seconds(logs)
+    out["verify_s"] = out["restore_s"] - out["load_s"]
+    config = connect(job, work)
+    storage = LocalStorage(ckdir)
+    saver = Saver(config, storage)
+    touched = touch(config, ids, args.touch)
+    d1, out["delta_stall_s"], out["delta_commit_s"] = saver.save()
+    m = reader.load_manifest(storage, d1)
+    assert m.kind == "delta", m.kind
+    out["delta_bytes"] = m.total_bytes
+    print(f"delta checkpoint_{d1} of checkpoint_{m.base} ({touched:,} rows touched): "
+          f"{m.total_bytes / 1e6:.1f} MB, trainers held {out['delta_stall_s']:.2f}s",
+          flush=True)
+    _, out["first_stall_s"], _ = saver.save()  # full; maps the snapshot buffers
+    saver.save()  # a delta
+    f4, out["stall_s"], out["background_commit_s"] = saver.save()
+    assert reader.load_manifest(storage, f4).kind == "full"
+    print(f"background save: trainers held {out['stall_s']:.2f}s (the first one "
+          f"{out['first_stall_s']:.2f}s, while the snapshot buffers are mapped), committed "
+          f"after {out['background_commit_s']:.2f}s", flush=True)
+    pusher = Pusher(config, ids)
+    time.sleep(1.0)  # warm up
+    t0 = time.perf_counter()
+    time.sleep(args.window)
+    idle = pusher.rate(t0, time.perf_counter())
+    saver.save()  # a delta: the next save is full
+    t0 = time.perf_counter()
+    f6, stall, commit = saver.save()
+    during = pusher.rate(t0 + stall, t0 + commit)
+    pusher.close()
+    saver.close()
+    assert reader.load_manifest(storage, f6).kind == "full"
+    out["pushes_per_s_idle"], out["pushes_per_s_during_save"] = idle, during
+    print(f"pushes of {Pusher.BATCH} rows: {idle:.1f}/s with no save, {during:.1f}/s while "
+          f"checkpoint_{f6} was written ({commit - stall:.2f}s)", flush=True)
+    stop(procs)
+
+
+def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) -> dict:
+    write_gbps, read_gbps = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    nbytes = out["bytes"]
+
+    def r(x: float) -> float:
+        return round(x, 3)
+
+    return {
+        "rows": out["rows"], "bytes": nbytes, "save_s": r(out["save_s"]),
+        "restore_s": r(out["restore_s"]), "verify_s": r(out["verify_s"]),
+        "load_s": r(out["load_s"]), "restore_total_s": r(out["restore_total_s"]),
+        "disk_write_gbps": r(write_gbps), "disk_read_gbps": r(read_gbps),
+        "disk_write_gbps_before_after": [r(before[0]), r(after[0])],
+        "disk_read_gbps_before_after": [r(before[1]), r(after[1])],
+        "save_vs_disk": r(nbytes / out["save_s"] / 1e9 / write_gbps),
+        "blocking_save_s": r(out["save_s"]), "stall_s": r(out["stall_s"]),
+        "stall_vs_blocking": r(out["stall_s"] / out["save_s"]),
+        "background_commit_s": r(out["background_commit_s"]),
+        "first_stall_s": r(out["first_stall_s"]),
+        "restore_vs_disk": r(nbytes / out["restore_s"] / 1e9 / read_gbps),
+        "delta_bytes": out["delta_bytes"],
+        "incremental_bytes_vs_full": round(out["delta_bytes"] / nbytes, 4),
+        "delta_stall_s": r(out["delta_stall_s"]), "delta_commit_s": r(out["delta_commit_s"]),
+        "pushes_per_s_idle": r(out["pushes_per_s_idle"]),
+        "pushes_per_s_during_save": r(out["pushes_per_s_during_save"]),
+        "train_during_save_vs_idle": r(out["pushes_per_s_during_save"] /
+                                       max(out["pushes_per_s_idle"], 1e-9)),
+        "reshard_restore_s": r(out["reshard_restore_s"]),
+        "reshard_vs_plain_restore": r(out["reshard_restore_s"] / out["restore_s"]),
+    }
 
 
 if __name__ == "__main__":
