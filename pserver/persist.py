@@ -1,7 +1,10 @@
 """A shard to and from a checkpoint: what a pserver saves and how it restores.
 
-Saving writes the live arrays (the barrier holds every trainer, so nothing
-changes meanwhile) with rows grouped by virtual shard. Restoring reads, from
+A blocking save writes the live arrays (the barrier holds every trainer, so
+nothing changes meanwhile) with rows grouped by virtual shard. A background
+save snapshots the tables copy-on-write (SparseTable.begin_snapshot): the
+trainers go on at once, the writing thread copies the rows chunk by chunk
+while a push first copies the rows it is about to change. Restoring reads, from
 every old pserver's files, the rows of the virtual shards this pserver owns
 now, so a checkpoint restores onto any number of pservers.
 
@@ -30,6 +33,7 @@ from pserver import optimizers
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
 from pserver.sharding import owned_range, virtual_shard
+from pserver.table import SparseTable
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,9 @@ class Staged:
     live (blocking saves, under the locks) or copied (background saves)."""
 
     tables: dict[str, dict[str, np.ndarray]]
-    vshards: dict[str, np.ndarray]
     dense_state: dict[str, dict[str, np.ndarray]]
     applied: dict[str, int]
+    copying: list[SparseTable]  # copy-on-write snapshots to finish before writing
 
 
 def _locks(shard: Shard) -> list:
@@ -52,23 +56,30 @@ def _locks(shard: Shard) -> list:
 def _stage(shard: Shard, copy: bool, serial: int, base: int | None) -> Staged:
     """The shard as it is now (call with every lock held): every row, or (base given) the
     rows changed since checkpoint `base`."""
-    v = shard.config.virtual_shards
-    tables = {}
+    tables, copying = {}, []
     for n, t in shard.tables.items():
         rows = t.begin_save(serial, base)
-        tables[n] = t.rows_of(rows) if rows is not None else \
-            t.snapshot() if copy else t.arrays()
-    return Staged(tables, {n: virtual_shard(arrays["ids"], v) for n, arrays in tables.items()},
-                  {n: {k: a.copy() if copy else a for k, a in d.state.items()}
-                   for n, d in shard.dense.items()},
-                  {n: g.applied for n, g in shard.gates.items()})
+        if rows is not None:
+            tables[n] = t.rows_of(rows)
+        elif copy:
+            tables[n] = t.begin_snapshot()
+            copying.append(t)
+        else:
+            tables[n] = t.arrays()
+    return Staged(tables, {n: {k: a.copy() if copy else a for k, a in d.state.items()}
+                           for n, d in shard.dense.items()},
+                  {n: g.applied for n, g in shard.gates.items()}, copying)
 
 
 def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
            started: float, base: int | None) -> Part:
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
-    part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, staged.vshards,
+    for t in staged.copying:
+        t.finish_snapshot()
+    v = shard.config.virtual_shards
+    vshards = {n: virtual_shard(arrays["ids"], v) for n, arrays in staged.tables.items()}
+    part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                               shard.config.virtual_shards, staged.dense_state,
                               facts, midway=_fault(serial))
     seconds = time.perf_counter() - started
@@ -122,8 +133,10 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int,
 def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
                           report: Callable[[Part | None, str | None], None],
                           base: int | None = None) -> float:
-    """Copy the shard in memory (the only part the trainers wait for), then write it in a
-    thread and `report(part, error)`. Returns the seconds the copy took."""
+    """Snapshot the shard (the only part the trainers wait for): a delta's changed rows and
+    the dense state are copied; a full save's tables are copied on write, in the writing
+    thread, which then writes the files and calls `report(part, error)`. Returns the
+    seconds the trainers waited."""
     started = time.perf_counter()
     staged = _begin(shard, serial, base, copy=True)
     stall = time.perf_counter() - started
@@ -138,8 +151,8 @@ def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
         report(part, None)
 
     threading.Thread(target=write, name=f"save-{serial}", daemon=True).start()
-    log.info("pserver[%d] copied its shard for checkpoint_%d in %.2fs; writing it in the "
-             "background", shard.pserver_id, serial, stall)
+    log.info("pserver[%d] snapshotted its shard for checkpoint_%d in %.3fs; copying and "
+             "writing it in the background", shard.pserver_id, serial, stall)
     return stall
 
 

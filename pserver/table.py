@@ -44,6 +44,7 @@ class SparseTable:
         self._gen = 1  # the save generation stamped on rows changed now
         self._marks: dict[int, int] = {}  # checkpoint serial -> the generation it saw
         self._stamps = np.zeros(0, dtype=np.uint32)
+        self._cow: list[int] | None = None  # a snapshot being copied: [rows, gen, copied]
         self._alloc(max(16, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -122,6 +123,8 @@ class SparseTable:
         """Apply gradients; duplicate ids are summed first, in the order they appear."""
         with self.lock:
             rows, grads = sum_duplicates(self._rows_for(ids), grads)
+            if self._cow is not None:
+                self._preserve(rows)
             self._stamps[rows] = self._gen
             a = self._arrays
             values = a["values"]
@@ -139,18 +142,53 @@ class SparseTable:
         """Views of the live rows (hold `lock` while using them)."""
         return {name: arr[: self._size] for name, arr in self._arrays.items()}
 
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """Copies of the live rows (hold `lock`), in buffers kept for the next snapshot:
-        memory already mapped copies several times faster than fresh memory. One snapshot
-        is valid until the next one (background saves never overlap)."""
+    def begin_snapshot(self) -> dict[str, np.ndarray]:
+        """Start a copy-on-write snapshot of the live rows (hold `lock`, right after
+        `begin_save`): buffers that hold the rows as they are now once `finish_snapshot`
+        returns. Until then a push first copies the rows it changes that are not copied
+        yet. The buffers are kept for the next snapshot (one snapshot is valid until the
+        next one; background saves never overlap)."""
         n = self._size
         for name, arr in self._arrays.items():
             snap = self._snapshots.get(name)
             if snap is None or len(snap) < n or snap.shape[1:] != arr.shape[1:]:
                 snap = np.empty((max(n, 16) + n // 4,) + arr.shape[1:], dtype=arr.dtype)
                 self._snapshots[name] = snap
-            np.copyto(snap[:n], arr[:n])
+        self._cow = [n, self._gen - 1, 0]
         return {name: snap[:n] for name, snap in self._snapshots.items()}
+
+    def finish_snapshot(self, chunk_rows: int = 16_384) -> None:
+        """Copy the snapshot's rows in chunks, each under `lock` (pushes go on between)."""
+        while self.copy_step(chunk_rows):
+            pass
+
+    def copy_step(self, chunk_rows: int) -> bool:
+        """Copy the snapshot's next `chunk_rows` rows; False once it is complete."""
+        with self.lock:
+            if self._cow is None:
+                return False
+            n, gen, lo = self._cow
+            hi = min(n, lo + chunk_rows)
+            same = self._stamps[lo:hi] <= gen  # the rows not changed since
+            for name, arr in self._arrays.items():
+                dst = self._snapshots[name][lo:hi]
+                if name == "ids" or same.all():
+                    np.copyto(dst, arr[lo:hi])
+                else:
+                    np.copyto(dst, arr[lo:hi], where=same.reshape((-1,) + (1,) * (arr.ndim - 1)))
+            self._cow = [n, gen, hi] if hi < n else None
+            return self._cow is not None
+
+    def _preserve(self, rows: np.ndarray) -> None:
+        """Copy-on-write: rows a push is about to change, into the snapshot being copied
+        (those not copied yet and not changed since the snapshot; hold `lock`)."""
+        n, gen, done = self._cow
+        rows = rows[(rows >= done) & (rows < n)]
+        rows = rows[self._stamps[rows] <= gen]
+        if len(rows):
+            for name, arr in self._arrays.items():
+                if name != "ids":
+                    self._snapshots[name][rows] = arr[rows]
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
         """Mark checkpoint `serial` (hold `lock`): None for a full save, else the row numbers
@@ -223,7 +261,7 @@ class SparseTable:
                                               for k, v in adopted.items()}
             self._stamps = np.zeros(len(self._arrays["ids"]), dtype=np.uint32)
             self._size = n
-            self._gen, self._marks = 1, {}
+            self._gen, self._marks, self._cow = 1, {}, None
 
 
 class DenseVariable:

@@ -199,3 +199,29 @@ def test_every_kth_save_is_full() -> None:
         last, deltas = serial, (deltas + 1 if base >= 0 else 0)
     assert kinds == [-1, 0, 1, -1, 3, 4, -1]
     assert CheckpointConfig("d").next_base(5, 0) == -1  # the default: always full
+
+
+def test_a_copy_on_write_snapshot_holds_the_rows_as_they_were() -> None:
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(3000, dtype=np.uint64)
+    train([shard], ids, 0)
+    before = table.export()
+    with table.lock:
+        table.begin_save(0, None)
+        snap = table.begin_snapshot()
+    for name in ("values", "accum"):
+        snap[name][:] = np.nan  # what is not copied shows
+    assert table.copy_step(1000)  # rows 0..999 copied
+    # pushes while the snapshot is copied: to rows copied already, rows not copied yet,
+    # rows changed twice, and new rows
+    changed = np.concatenate([ids[10:20], ids[2000:2010], np.arange(5000, 5003,
+                                                                    dtype=np.uint64)])
+    train([shard], changed, 1)
+    train([shard], ids[2005:2015], 2)
+    table.finish_snapshot(chunk_rows=700)
+    for name, arr in before.items():
+        assert snap[name].tobytes() == arr.tobytes(), name
+    after = table.export()
+    assert len(after["ids"]) == 3003 and not table.copy_step(1)
+    assert not np.array_equal(after["values"][2000:2015], before["values"][2000:2015])
