@@ -36,6 +36,7 @@ from pserver.sharding import owned_range, virtual_shard
 from pserver.table import SparseTable
 
 log = logging.getLogger(__name__)
+WRITER_NICE = 10  # CPU priority of the thread writing a background save (0..19: lower)
 
 
 @dataclass
@@ -143,6 +144,10 @@ def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
 
     def write() -> None:
         try:
+            for t in staged.copying:  # at the pserver's priority: pushes may wait on it
+                t.finish_snapshot()
+            staged.copying = []
+            _yield_cpu()
             part = _write(shard, staged, storage, serial, started, base)
         except Exception as e:  # noqa: BLE001 - reported to the coordinator
             log.exception("pserver[%d] failed to write checkpoint_%d", shard.pserver_id, serial)
@@ -154,6 +159,17 @@ def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
     log.info("pserver[%d] snapshotted its shard for checkpoint_%d in %.3fs; copying and "
              "writing it in the background", shard.pserver_id, serial, stall)
     return stall
+
+
+def _yield_cpu() -> None:
+    """Lower this (background writing) thread's CPU priority, so that on a busy machine it
+    takes what serving pushes and pulls leaves (Linux: the nice value is per thread; the
+    thread ends with the save)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       max(WRITER_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
+    except (AttributeError, OSError):  # not Linux, or not allowed: write at full priority
+        pass
 
 
 def _fault(serial: int) -> Callable[[], None] | None:

@@ -169,13 +169,14 @@ class SparseTable:
                 return False
             n, gen, lo = self._cow
             hi = min(n, lo + chunk_rows)
-            same = self._stamps[lo:hi] <= gen  # the rows not changed since
+            # rows changed since the snapshot hold their old values in the buffers already
+            changed = lo + np.flatnonzero(self._stamps[lo:hi] > gen)
             for name, arr in self._arrays.items():
-                dst = self._snapshots[name][lo:hi]
-                if name == "ids" or same.all():
-                    np.copyto(dst, arr[lo:hi])
-                else:
-                    np.copyto(dst, arr[lo:hi], where=same.reshape((-1,) + (1,) * (arr.ndim - 1)))
+                dst = self._snapshots[name]
+                kept = np.take(dst, changed, axis=0) if name != "ids" else None
+                np.copyto(dst[lo:hi], arr[lo:hi])  # one straight copy, then the old rows back
+                if kept is not None and len(changed):
+                    dst[changed] = kept
             self._cow = [n, gen, hi] if hi < n else None
             return self._cow is not None
 
