@@ -231,6 +231,8 @@ class Coordinator:
         if failures:
             msg = f"checkpoint_{serial} failed and was not committed: " + "; ".join(failures)
             log.error("coordinator: %s", msg)
+            if any("cannot write a delta" in f for f in failures):  # the next one is full
+                self._committed = (self._committed[0], self.ckpt.full_every)
             return msg
         try:
             started = time.perf_counter()

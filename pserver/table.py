@@ -27,6 +27,7 @@ from pserver.idindex import IdIndex
 
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 _RECENT = 8  # remembered id -> row lookups per table
+_MARKS = 64  # checkpoints a delta can be taken against (the newest committed is one)
 
 
 class SparseTable:
@@ -205,6 +206,8 @@ class SparseTable:
             # later deltas are of `base` or of a newer checkpoint: older marks are done
             self._marks = {s: g for s, g in self._marks.items() if s >= base}
         self._marks[serial] = self._gen
+        while len(self._marks) > _MARKS:  # saves that never committed (all full)
+            self._marks.pop(next(iter(self._marks)))
         self._gen += 1
         return rows
 

@@ -15,6 +15,7 @@ from ckpt.config import from_section
 from ckpt.manifest import Part, merge
 from ckpt.storage import LocalStorage
 from pserver import persist, sharding
+from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
 from tests.conftest import job
@@ -225,3 +226,31 @@ def test_a_copy_on_write_snapshot_holds_the_rows_as_they_were() -> None:
     after = table.export()
     assert len(after["ids"]) == 3003 and not table.copy_step(1)
     assert not np.array_equal(after["values"][2000:2015], before["values"][2000:2015])
+
+
+def test_a_pserver_that_cannot_write_the_delta_makes_the_next_save_full(
+        tmp_path: Path) -> None:
+    config = job(1, checkpoint={"checkpoint_dir": str(tmp_path), "full_every": 5})
+    current = [Shard(config, 0)]
+    storage = LocalStorage(tmp_path)
+
+    def save_shard(_pserver: int, serial: int, base: int) -> Part:
+        return persist.save_shard(current[0], storage, serial, base if base >= 0 else None)
+
+    coord = Coordinator(config, config.checkpoint, persist.job_facts(current[0]), save_shard)
+    coord.join_pserver(0, "in-process")
+    coord.ready(0, -1)
+    coord.join_trainer(0, 5)
+
+    def save(step: int) -> int:
+        serial = coord.barrier(0, step, 0, step, False, 5)
+        dense = {n: v.value for n, v in current[0].dense.items()}
+        part = writer.write_trainer(storage, serial, 0, 0, step, {"global_step": step}, dense)
+        return coord.commit(0, serial, part, None, 5)
+
+    assert save(1) == 0
+    current[0] = Shard(config, 0)  # a pserver that never saw checkpoint_0
+    with pytest.raises(CheckpointFailed, match="cannot write a delta of checkpoint_0"):
+        save(2)
+    assert save(3) == 2 and reader.load_manifest(storage, 2).kind == "full"
+    assert save(4) == 3 and reader.load_manifest(storage, 3).base == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,33 @@ def test_sigkill_in_the_middle_of_a_delta_save_restores_bit_identical(
     out = run_to_end(job)
     assert f"restored checkpoint_{serial - 1} (chain " in out  # the torn delta was skipped
     assert_identical(final_state(ckdir), reference)
+
+
+def _standalone(job: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config", str(job)],
+                       cwd=job.parent, env=env or python_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_a_delta_after_a_failed_save_holds_its_rows(data_dir: Path, tmp_path: Path) -> None:
+    """Saves after steps 0, 4, 8 (serial 2, a delta of 1: fails), 12 (a delta of 1 again:
+    it must hold the rows of serial 2 too), 16 and 20 (final)."""
+    ref = tmp_path / "ref"
+    _standalone(write_job(data_dir, ref, ref / "ckpt", 1, 1, epochs=1))
+    ckdir = tmp_path / "inc" / "ckpt"
+    job = write_job(data_dir, tmp_path / "inc", ckdir, 1, 1, epochs=1, full_every=3,
+                    max_num_checkpoints=100)
+    env = python_env()
+    env["PSRT_FAULT_SAVE_ENOSPC"] = "2"
+    r = _standalone(job, env)
+    assert "checkpoint_2 failed and was not committed" in r.stderr
+    m3 = reader.load_manifest(LocalStorage(ckdir), 3)
+    assert (m3.kind, m3.base) == ("delta", 1)
+    assert_identical(final_state(ckdir), final_state(ref / "ckpt"))
+    for serial in (4, 5):  # as if the job had died after serial 3: restore 0 <- 1 <- 3
+        shutil.rmtree(ckdir / f"checkpoint_{serial}")
+    r = _standalone(job)
+    assert "restored checkpoint_3 (chain 0 -> 1 -> 3)" in r.stderr
+    assert_identical(final_state(ckdir), final_state(ref / "ckpt"))
