@@ -15,8 +15,9 @@ pservers copy their shards in memory; the first such save maps the snapshot
 buffers) against the blocking save; and runs a trainer's load (pushes of 4096
 random rows, back to back) for S seconds with no save, then while a full save
 is written (`train_during_save_vs_idle`: pushes/s during over pushes/s idle).
-Last, it restores the newest (full) checkpoint onto three pservers, cold
-(`reshard_restore_s`, against the plain restore: `reshard_vs_plain_restore`).
+Last, it restores the newest (full) checkpoint cold onto two pservers and
+onto three, twice each, alternating (the best of each: `plain_restore_s`,
+`reshard_restore_s`, and their ratio `reshard_vs_plain_restore`).
 In the same run, on the same file system, it measures the disk: a
 sequential write of the same byte count with fsync, and a cold read of it,
 right before the save and again at the end (the mean of the two is the
@@ -231,11 +232,17 @@ def main() -> None:
     job.write_text(dump_toml({**doc, "checkpoint": {**doc["checkpoint"], "background": True,
                                                     "full_every": 2}}))
     background_phase(job, work, ckdir, ids, args, out)
-    evict(ckdir)
-    procs, logs, _ = start(job, work, "reshard", n=3)  # the newest checkpoint is full
-    stop(procs)
-    out["reshard_restore_s"], _ = restore_seconds(logs)
-    print(f"restored onto 3 pservers in {out['reshard_restore_s']:.2f}s", flush=True)
+    # the newest checkpoint (full) restored cold onto 2 and onto 3 pservers, twice each,
+    # alternating: the best of each
+    times: dict[int, list[float]] = {2: [], 3: []}
+    for n in (2, 3, 2, 3):
+        evict(ckdir)
+        procs, logs, _ = start(job, work, f"reshard{n}", n=n)
+        stop(procs)
+        times[n].append(restore_seconds(logs)[0])
+    out["plain_restore_s"], out["reshard_restore_s"] = min(times[2]), min(times[3])
+    print(f"the newest checkpoint restored onto 2 pservers in {times[2]} s, onto 3 in "
+          f"{times[3]} s", flush=True)
     after = disk_ceiling(work, out["bytes"])
     print(f"disk after: write+fsync {after[0]:.2f} GB/s, cold read {after[1]:.2f} GB/s",
           flush=True)
@@ -344,7 +351,8 @@ def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) 
         "train_during_save_vs_idle": r(out["pushes_per_s_during_save"] /
                                        max(out["pushes_per_s_idle"], 1e-9)),
         "reshard_restore_s": r(out["reshard_restore_s"]),
-        "reshard_vs_plain_restore": r(out["reshard_restore_s"] / out["restore_s"]),
+        "plain_restore_s": r(out["plain_restore_s"]),
+        "reshard_vs_plain_restore": r(out["reshard_restore_s"] / out["plain_restore_s"]),
     }
 
 
