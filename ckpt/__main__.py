@@ -37,6 +37,11 @@ def cmd_ls(storage: LocalStorage) -> int:
         size = f"{m.total_bytes / 1e6:.1f} MB" if m else "-"
         age = _age(now - m.created) if m else "-"
         note = ("final" if m and m.final else "") if e.problem is None else e.problem
+        if e.problem is None and m is not None and m.kind == "delta":
+            try:
+                reader.chain(storage, m)
+            except ValueError as err:
+                note = f"not restorable: {err}"
         kind = m.kind if m else "-"
         base = m.base if m and m.kind == "delta" else "-"
         print(f"{e.serial:>6}  {t0.get('epoch_id', '-'):>5}  {t0.get('step_id', '-'):>6}  "

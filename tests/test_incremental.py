@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ckpt import CheckpointConfig, reader, retention, writer
+from ckpt import __main__ as ckpt_cli
 from ckpt.config import from_section
 from ckpt.manifest import Part, merge
 from ckpt.storage import LocalStorage
@@ -151,7 +152,8 @@ def test_rotation_keeps_the_bases_that_kept_deltas_need(tmp_path: Path) -> None:
 
 
 def test_a_broken_chain_falls_back_to_an_older_checkpoint(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture) -> None:
     storage = LocalStorage(tmp_path)
     live = shards(1)
     train(live, np.arange(50, dtype=np.uint64), 0)
@@ -171,6 +173,12 @@ def test_a_broken_chain_falls_back_to_an_older_checkpoint(
     assert "checkpoint_1 is a delta of checkpoint_0, which is missing" in caplog.text
     with pytest.raises(ValueError, match="which is missing"):
         reader.read_all(storage, reader.load_manifest(storage, 1))
+    capsys.readouterr()
+    assert ckpt_cli.main(["ls", str(tmp_path)]) == 0
+    assert "not restorable: checkpoint_1 is a delta of checkpoint_0, which is missing" in \
+        capsys.readouterr().out
+    assert ckpt_cli.main(["verify", str(tmp_path), "1"]) == 1
+    assert "checkpoint_1: DAMAGED" in capsys.readouterr().out
 
 
 def test_a_part_of_the_wrong_kind_is_not_committed(tmp_path: Path) -> None:
