@@ -36,7 +36,7 @@ from pserver.sharding import owned_range, virtual_shard
 from pserver.table import SparseTable
 
 log = logging.getLogger(__name__)
-WRITER_NICE = 10  # CPU priority of the thread writing a background save (0..19: lower)
+WRITER_NICE = 19  # CPU priority of the thread writing a background save (0..19: 19 lowest)
 
 
 @dataclass
