@@ -36,6 +36,7 @@ from pserver.sharding import owned_range, virtual_shard
 from pserver.table import SparseTable
 
 log = logging.getLogger(__name__)
+LAZY_DELTA = 8  # a background delta of more than 1/8 of the rows is copied on write
 WRITER_NICE = 19  # CPU priority of the thread writing a background save (0..19: 19 lowest)
 
 
@@ -47,24 +48,37 @@ class Staged:
     tables: dict[str, dict[str, np.ndarray]]
     dense_state: dict[str, dict[str, np.ndarray]]
     applied: dict[str, int]
-    copying: list[SparseTable]  # copy-on-write snapshots to finish before writing
+    # copy-on-write snapshots to finish before writing: (table name, table, the rows of a
+    # delta to take from it or None)
+    copying: list[tuple[str, SparseTable, np.ndarray | None]]
+
+    def finish(self) -> None:
+        """Complete the copy-on-write snapshots (in the writing thread)."""
+        for name, table, rows in self.copying:
+            table.finish_snapshot()
+            if rows is not None:
+                self.tables[name] = {k: np.take(a, rows, axis=0)
+                                     for k, a in self.tables[name].items()}
+        self.copying = []
 
 
 def _locks(shard: Shard) -> list:
     return [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
 
 
-def _stage(shard: Shard, copy: bool, serial: int, base: int | None) -> Staged:
+def _stage(shard: Shard, copy: bool, serial: int, base: int | None,
+           lazy: bool = False) -> Staged:
     """The shard as it is now (call with every lock held): every row, or (base given) the
-    rows changed since checkpoint `base`."""
+    rows changed since checkpoint `base`. `copy`: copied (`lazy`: copy-on-write, finished
+    by Staged.finish; a delta of many rows too), else the live arrays."""
     tables, copying = {}, []
     for n, t in shard.tables.items():
         rows = t.begin_save(serial, base)
-        if rows is not None:
+        if rows is not None and not (lazy and len(rows) > len(t) // LAZY_DELTA):
             tables[n] = t.rows_of(rows)
         elif copy:
             tables[n] = t.begin_snapshot()
-            copying.append(t)
+            copying.append((n, t, rows))
         else:
             tables[n] = t.arrays()
     return Staged(tables, {n: {k: a.copy() if copy else a for k, a in d.state.items()}
@@ -76,8 +90,7 @@ def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
            started: float, base: int | None) -> Part:
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
-    for t in staged.copying:
-        t.finish_snapshot()
+    staged.finish()
     v = shard.config.virtual_shards
     vshards = {n: virtual_shard(arrays["ids"], v) for n, arrays in staged.tables.items()}
     part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
@@ -92,14 +105,15 @@ def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
     return part
 
 
-def _begin(shard: Shard, serial: int, base: int | None, copy: bool) -> Staged:
+def _begin(shard: Shard, serial: int, base: int | None, copy: bool,
+           lazy: bool = False) -> Staged:
     """Stage the shard under every lock; a table that cannot write the delta stages
     nothing (FailedPrecondition)."""
     locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
-        return _stage(shard, copy, serial, base)
+        return _stage(shard, copy, serial, base, lazy)
     except ValueError as e:
         raise FailedPrecondition(f"checkpoint_{serial}: {e}") from None
     finally:
@@ -139,14 +153,12 @@ def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
     thread, which then writes the files and calls `report(part, error)`. Returns the
     seconds the trainers waited."""
     started = time.perf_counter()
-    staged = _begin(shard, serial, base, copy=True)
+    staged = _begin(shard, serial, base, copy=True, lazy=True)
     stall = time.perf_counter() - started
 
     def write() -> None:
         try:
-            for t in staged.copying:  # at the pserver's priority: pushes may wait on it
-                t.finish_snapshot()
-            staged.copying = []
+            staged.finish()  # at the pserver's priority: pushes may wait on it
             _yield_cpu()
             part = _write(shard, staged, storage, serial, started, base)
         except Exception as e:  # noqa: BLE001 - reported to the coordinator

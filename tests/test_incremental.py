@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +263,31 @@ def test_a_pserver_that_cannot_write_the_delta_makes_the_next_save_full(
         save(2)
     assert save(3) == 2 and reader.load_manifest(storage, 2).kind == "full"
     assert save(4) == 3 and reader.load_manifest(storage, 3).base == 2
+
+
+@pytest.mark.parametrize("changed", [20, 1200])  # gathered at once / copied on write
+def test_a_background_delta_holds_the_rows_at_the_barrier(tmp_path: Path,
+                                                          changed: int) -> None:
+    storage = LocalStorage(tmp_path)
+    live = shards(1)
+    ids = np.arange(2000, dtype=np.uint64)
+    train(live, ids, 0)
+    save(storage, live, 0)
+    train(live, ids[:changed], 1)
+    expected = state(live)
+    done: list = []
+    persist.save_shard_background(live[0], storage, 1, lambda part, err: done.append(
+        (part, err)), base=0)
+    train(live, ids[::3], 2)  # pushes while the delta is copied and written
+    deadline = time.monotonic() + 30
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    part, err = done[0]
+    assert err is None and part.facts["rows"]["emb"] == changed
+    dense = {n: expected[f"{n}.value"] for n in live[0].dense}
+    trainer = writer.write_trainer(storage, 1, 0, 0, 1, {"global_step": 1}, dense)
+    writer.commit(storage, merge(1, persist.job_facts(live[0]), [part, trainer], base=0))
+    got = restored(storage, 1, 1)
+    for k in expected:
+        if k.startswith("emb."):
+            assert got[k].tobytes() == expected[k].tobytes(), k
