@@ -122,3 +122,23 @@ def test_a_delta_after_a_failed_save_holds_its_rows(data_dir: Path, tmp_path: Pa
     r = _standalone(job)
     assert "restored checkpoint_3 (chain 0 -> 1 -> 3)" in r.stderr
     assert_identical(final_state(ckdir), final_state(ref / "ckpt"))
+
+
+def test_a_delta_chain_restores_onto_another_number_of_pservers(data_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """A job saving deltas on 2 pservers, continued on 3 and on 2 from its chain: both end
+    bit-identical (each of the 3 read only its virtual shards of every link)."""
+    first = tmp_path / "first"
+    run_to_end(write_job(data_dir, first, first / "ckpt", num_pservers=2, epochs=1,
+                         full_every=5))  # saves after steps 0, 4, 8 and 10: full, 3 deltas
+    newest = reader.newest_complete(LocalStorage(first / "ckpt"))
+    assert newest.kind == "delta"
+    finals = {}
+    for p in (2, 3):
+        work = tmp_path / f"on{p}"
+        shutil.copytree(first / "ckpt", work / "ckpt")
+        out = run_to_end(write_job(data_dir, work, work / "ckpt", num_pservers=p, epochs=2,
+                                   full_every=3))
+        assert out.count(f"restored checkpoint_{newest.serial} (chain ") == p, out[-3000:]
+        finals[p] = final_state(work / "ckpt")
+    assert_identical(finals[2], finals[3])
