@@ -135,7 +135,17 @@ DENSE_KEYS = [
     *[dataclasses.replace(k, default={"optimizer": "adam", "learning_rate": 0.001}[k.name])
       if k.name in ("optimizer", "learning_rate") else k for k in _OPT_KEYS],
 ]
-SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS}
+RECOVERY_KEYS = [
+    Key("heartbeat_s", float, 1.0, "how often every process tells the coordinator it is alive, "
+        "seconds", _positive),
+    Key("liveness_timeout_s", float, 5.0, "a process silent this long is taken for dead and the "
+        "job rolls back to its newest complete checkpoint", _positive),
+    Key("rejoin_timeout_s", float, 120.0, "how long the job waits for a lost process to come "
+        "back before it fails, naming it", _positive),
+    Key("max_restarts", int, 3, "local launcher: how many times it restarts a process that "
+        "died (0: stop the job instead); needs a [checkpoint] section", _non_negative),
+]
+SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "recovery": RECOVERY_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}
 OTHER_SECTIONS = ("trainer", "data", "model")
 
@@ -173,6 +183,20 @@ class RpcConfig:
 
 
 @dataclass(frozen=True)
+class RecoveryConfig:
+    heartbeat_s: float = 1.0
+    liveness_timeout_s: float = 5.0
+    rejoin_timeout_s: float = 120.0
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.liveness_timeout_s <= 2 * self.heartbeat_s:
+            raise ConfigError("recovery.liveness_timeout_s", f"must be over twice "
+                              f"recovery.heartbeat_s ({self.heartbeat_s}), got "
+                              f"{self.liveness_timeout_s}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "psrt-job"
     mode: str = "sync"
@@ -181,6 +205,7 @@ class JobConfig:
     pservers: tuple[str, ...] = ("127.0.0.1:7070",)
     virtual_shards: int = 1024
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     tables: tuple[TableSpec, ...] = ()
     dense: tuple[DenseSpec, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -253,6 +278,7 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
             raise ConfigError(section, f"unknown section (known: {known})")
     job = parse_section("job", JOB_KEYS, raw.get("job", {}))
     rpc = RpcConfig(**parse_section("rpc", RPC_KEYS, raw.get("rpc", {})))
+    recovery = RecoveryConfig(**parse_section("recovery", RECOVERY_KEYS, raw.get("recovery", {})))
     tables, dense = [], []
     for kind, schema in NAMED_SCHEMAS.items():
         named = raw.get(kind, {})
@@ -272,7 +298,7 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     if clash:
         raise ConfigError(f"dense.{sorted(clash)[0]}", "a table has the same name")
     sections = {k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw}
-    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc,
+    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc, recovery=recovery,
                      tables=tuple(tables), dense=tuple(dense), sections=sections, source=source,
                      checkpoint=_checkpoint(raw.get("checkpoint")))
 

@@ -17,11 +17,13 @@ from google.protobuf.message import DecodeError
 from ckpt.storage import LocalStorage
 from pserver import codec, persist
 from pserver import psrt_pb2 as pb
-from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, status_of
+from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, Unavailable, status_of
 from pserver.shard import Shard
 from pserver.wire import ROW_DTYPE, decode_tensor, encode_tensor
 
 SERVICE = "psrt.v1.ParameterServer"
+GENERATION_KEY = "psrt-generation"  # call metadata: the generation a trainer's call belongs to
+_DATA = ("Pull", "Push", "PullDense", "PushDense", "PullBatch", "PushBatch")
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,22 @@ class Servicer:
         self.shard = shard
         self.role = role
         self.default_wait = shard.config.rpc.deadline_s
+        # the generation served: 0 with no coordinator (nothing fenced), None while recovering
+        self.generation: int | None = 0
+
+    def check_generation(self, name: str, ctx: grpc.ServicerContext) -> None:
+        """Fence off data calls from before a rollback, and any while this pserver restores."""
+        gen = self.generation
+        if gen is None:
+            raise Unavailable(f"{name}: {self.role} is restoring a checkpoint (the job is "
+                              f"recovering); join again")
+        if gen == 0:
+            return
+        for key, value in ctx.invocation_metadata() or ():
+            if key == GENERATION_KEY and value != str(gen):
+                raise FailedPrecondition(f"{name}: the call belongs to generation {value}, "
+                                         f"{self.role} serves generation {gen} (the job rolled "
+                                         f"back); join again")
 
     # Pull and Push carry the bulk of the bytes: `codec` reads and writes them without copies.
 
@@ -136,9 +154,12 @@ class Servicer:
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)
         bulk = name in ("Pull", "Push", "PullBatch", "PushBatch")
+        data = name in _DATA
 
         def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
             try:
+                if data:
+                    self.check_generation(name, ctx)
                 if bulk:
                     return method(raw, ctx)
                 return method(request_type.FromString(raw), ctx).SerializeToString()
