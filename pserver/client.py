@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 import grpc
 import numpy as np
 
-from pserver import codec, malloc
+from pserver import codec, malloc, security
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.dedup import Groups, dedup, group, sum_duplicates
@@ -50,7 +50,7 @@ class PSClient:
         self._dims = {t.name: t.dim for t in config.tables}
         self._dense = {d.name: config.dense_owner(d.name) for d in config.dense}  # -> pserver
         opts = channel_options(config)
-        self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels = [security.open_channel(a, config.rpc, opts) for a in self.addresses]
         # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
         self._stubs = [
             {name: ch.unary_unary(
