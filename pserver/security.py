@@ -146,9 +146,16 @@ def server_credentials(rpc: RpcConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=rpc.tls == "mtls")
 
 
-def add_port(server: grpc.Server, listen: str, rpc: RpcConfig) -> int:
+def describe(rpc: RpcConfig) -> str:
+    """The security a job runs with, for logs (never the token itself)."""
+    check = "token check on" if token(rpc) is not None else "no token check"
+    return f"{'plaintext' if rpc.tls == 'off' else rpc.tls}, {check}"
+
+
+def add_port(server: grpc.Server, listen: str, rpc: RpcConfig, role: str) -> int:
     """Bind `listen` with the job's credentials; the bound port (0: could not bind)."""
     creds = server_credentials(rpc)
+    log.info("%s security: %s", role, describe(rpc))
     if creds is None:
         return server.add_insecure_port(listen)
     return server.add_secure_port(listen, creds)

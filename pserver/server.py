@@ -87,7 +87,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     )
     listen = f"{bind_host if bind_host is not None else host}:{port}"
     try:
-        bound = security.add_port(server, listen, config.rpc)
+        bound = security.add_port(server, listen, config.rpc, role)
     except RuntimeError as e:
         raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {listen}: {e}") \
             from None

@@ -1,0 +1,252 @@
+"""TLS, mutual TLS and the shared token (pserver/security.py), with certificates made here."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pserver import config as cfg
+from pserver import security
+from pserver.client import PSClient
+from pserver.coordinator_rpc import CoordinatorClient
+from pserver.errors import Unauthenticated, Unavailable
+from pserver.status import report
+from tests.conftest import Cluster, generated_data, job, python_env
+from trainer.demo import demo_job, dump_toml
+
+TOKEN = "s3cret-token-" + "7f" * 16
+OTHER = "other-token-" + "a1" * 16
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ca.pem; server.{pem,key} for 127.0.0.1; client.{pem,key}; rogue.{pem,key} from another
+    CA (rogue-ca.pem); token and other.token."""
+    d = tmp_path_factory.mktemp("pki")
+    ca, rogue_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    rogue_ca.cert_pem.write_to_path(str(d / "rogue-ca.pem"))
+    for name, cert in [("server", ca.issue_cert("127.0.0.1", "localhost")),
+                       ("client", ca.issue_cert("trainer.psrt")),
+                       ("rogue", rogue_ca.issue_cert("127.0.0.1", "trainer.psrt"))]:
+        cert.cert_chain_pems[0].write_to_path(str(d / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(d / f"{name}.key"))
+    (d / "token").write_text(TOKEN + "\n")
+    (d / "other.token").write_text(OTHER)
+    return d
+
+
+def rpc(pki: Path, mode: str = "mtls", token: bool = True, **more: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"tls": mode}
+    if mode != "off":
+        out.update(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                   tls_ca=str(pki / "ca.pem"))
+    if mode == "mtls":
+        out.update(tls_client_cert=str(pki / "client.pem"), tls_client_key=str(pki / "client.key"))
+    if token:
+        out["token_file"] = str(pki / "token")
+    return {**out, **more}
+
+
+def client_with(cluster: Cluster, **rpc_keys: str) -> PSClient:
+    """A client of `cluster` whose [rpc] keys differ (the pservers keep theirs)."""
+    config = dataclasses.replace(cluster.config,
+                                 rpc=dataclasses.replace(cluster.config.rpc, **rpc_keys))
+    c = PSClient(config)
+    cluster.clients.append(c)
+    return c
+
+
+def assert_refused(cluster: Cluster, bad: PSClient, error: type, *words: str) -> None:
+    """`bad` can neither push nor pull (not even create rows), and the table is unchanged."""
+    good = cluster.client()
+    ids = np.arange(20, dtype=np.uint64)
+    before, rows = good.pull("emb", ids), good.info(0).tables[0].rows
+    with pytest.raises(error) as e:
+        bad.push("emb", ids, np.ones((20, 8), np.float32))
+    for w in words:
+        assert w in str(e.value)
+    assert TOKEN not in str(e.value) and OTHER not in str(e.value)
+    with pytest.raises(error):
+        bad.pull("emb", np.arange(1000, 1100, dtype=np.uint64))
+    np.testing.assert_array_equal(good.pull("emb", ids), before)
+    assert good.info(0).tables[0].rows == rows
+    good.push("emb", ids, np.ones((20, 8), np.float32))  # the control: a good push does change it
+    assert not np.array_equal(good.pull("emb", ids), before)
+
+
+@pytest.mark.parametrize("keys,error", [
+    ({"tls_cert": "a.pem"}, "rpc.tls_cert: is set but rpc.tls is 'off'"),
+    ({"tls_server_name": "x"}, "rpc.tls_server_name: is set but rpc.tls is 'off'"),
+    ({"tls": "tls"}, "rpc.tls_cert: required when rpc.tls is 'tls'"),
+    ({"tls": "tls", "tls_cert": "a.pem"}, "rpc.tls_key: required when rpc.tls is 'tls' "
+     "(rpc.tls_cert is set)"),
+    ({"tls": "tls", "tls_key": "a.key"}, "rpc.tls_cert: required when rpc.tls is 'tls' "
+     "(rpc.tls_key is set)"),
+    ({"tls": "mtls", "tls_cert": "a.pem", "tls_key": "a.key"}, "rpc.tls_ca: required when "
+     "rpc.tls is 'mtls'"),
+    ({"tls": "tls", "tls_cert": "a", "tls_key": "b", "tls_client_cert": "c"},
+     "rpc.tls_client_cert: only used when rpc.tls is 'mtls', got 'tls'"),
+    ({"tls": "mtls", "tls_cert": "a", "tls_key": "b", "tls_ca": "c", "tls_client_key": "d"},
+     "rpc.tls_client_cert: required because rpc.tls_client_key is set"),
+    ({"tls": "ssl"}, "rpc.tls: must be one of off, tls, mtls; got 'ssl'"),
+    ({"token_file": 7}, "rpc.token_file: expected str, got int 7"),
+])
+def test_keys_that_do_not_fit_together_are_named(keys: dict, error: str) -> None:
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.build({"rpc": keys})
+    assert str(e.value).startswith(error), e.value
+
+
+@pytest.mark.parametrize("edit,error", [
+    ({"tls_cert": "missing.pem"}, "rpc.tls_cert: no such file: missing.pem"),
+    ({"tls_key": "."}, "rpc.tls_key: . is a directory, expected a file"),
+    ({"tls_ca": "empty.pem"}, "rpc.tls_ca: empty.pem is empty"),
+    ({"tls_cert": "token"}, "rpc.tls_cert: token holds no PEM certificate"),
+    ({"tls_key": "server.pem"}, "rpc.tls_key: server.pem holds no PEM private key"),
+    ({"tls_key": "rogue.key"}, "rpc.tls_key: rogue.key is not the private key of the "
+     "certificate in rpc.tls_cert (server.pem)"),
+    ({"tls_client_key": "server.key"}, "rpc.tls_client_key: server.key is not the private key "
+     "of the certificate in rpc.tls_client_cert (client.pem)"),
+])
+def test_bad_certificate_files_are_named(pki: Path, monkeypatch: pytest.MonkeyPatch,
+                                         edit: dict, error: str) -> None:
+    monkeypatch.chdir(pki)
+    (pki / "empty.pem").write_text("\n")
+    keys = {k: Path(v).name for k, v in rpc(pki, token=False).items() if k != "tls"}
+    config = cfg.build({"rpc": {"tls": "mtls", **keys, **edit}})
+    with pytest.raises(cfg.ConfigError) as e:
+        security.server_credentials(config.rpc)
+        security.channel_credentials(config.rpc)
+    assert str(e.value).startswith(error), e.value
+    if "tls_client_key" not in edit:  # a pserver does not start with it
+        with pytest.raises(cfg.ConfigError, match=error.split(":")[0]):
+            Cluster(job(1, rpc={"tls": "mtls", **keys, **edit}))
+
+
+@pytest.mark.parametrize("text,env,error", [
+    ("short", None, "rpc.token_file: the token must have at least 16 characters, it has 5"),
+    ("has a space in it ......", None, "rpc.token_file: the token must be printable ASCII"),
+    (None, "tab\tin-the-token-value", "PSRT_TOKEN: the token must be printable ASCII"),
+    (TOKEN, OTHER, "rpc.token_file: is set and so is the PSRT_TOKEN environment variable"),
+])
+def test_bad_tokens_are_named_and_never_shown(tmp_path: Path, text: str | None, env: str | None,
+                                              error: str) -> None:
+    keys = {}
+    if text is not None:
+        (tmp_path / "t").write_text(text)
+        keys["token_file"] = str(tmp_path / "t")
+    config = cfg.build({"rpc": keys})
+    with pytest.raises(cfg.ConfigError) as e:
+        security.token(config.rpc, {} if env is None else {"PSRT_TOKEN": env})
+    assert str(e.value).startswith(error), e.value
+    assert all(s not in str(e.value) for s in (text, env) if s and len(s) > 5)
+    missing = cfg.build({"rpc": {"token_file": str(tmp_path / "nope")}})
+    with pytest.raises(cfg.ConfigError, match="rpc.token_file: no such file: .*nope"):
+        security.token(missing.rpc, {})
+    assert security.token(cfg.build({}).rpc, {"PSRT_TOKEN": f"  {TOKEN}\n"}) == TOKEN
+
+
+def test_tls_refuses_plaintext_and_an_unknown_ca(pki: Path, cluster_factory: Any) -> None:
+    cluster = cluster_factory(job(1, "async", rpc=rpc(pki, "tls", token=False)))
+    assert_refused(cluster, client_with(cluster, tls="off", tls_cert="", tls_key="", tls_ca=""),
+                   Unavailable, "pserver[0]")
+    assert_refused(cluster, client_with(cluster, tls_ca=str(pki / "rogue-ca.pem")), Unavailable)
+    assert_refused(cluster, client_with(cluster, tls_server_name="psrt.invalid"), Unavailable)
+    named = client_with(cluster, tls_server_name="localhost")  # a name the certificate has
+    assert named.pull("emb", np.arange(3, dtype=np.uint64)).shape == (3, 8)
+
+
+def test_mtls_refuses_a_client_without_a_certificate_or_with_a_foreign_one(
+        pki: Path, cluster_factory: Any) -> None:
+    cluster = cluster_factory(job(2, "async", rpc=rpc(pki, "mtls", token=False)))
+    no_cert = client_with(cluster, tls="tls", tls_client_cert="", tls_client_key="")
+    assert_refused(cluster, no_cert, Unavailable)
+    rogue = client_with(cluster, tls_client_cert=str(pki / "rogue.pem"),
+                        tls_client_key=str(pki / "rogue.key"))
+    assert_refused(cluster, rogue, Unavailable)
+    # without tls_client_*, clients present tls_cert (the server's certificate, same CA)
+    shared = client_with(cluster, tls_client_cert="", tls_client_key="")
+    assert shared.pull("emb", np.arange(3, dtype=np.uint64)).shape == (3, 8)
+
+
+def test_token_missing_or_wrong_is_unauthenticated_and_changes_nothing(
+        pki: Path, cluster_factory: Any, tmp_path: Path) -> None:
+    ckpt = {"checkpoint_dir": str(tmp_path / "ckpt"), "step_interval": 1000}
+    cluster = cluster_factory(job(1, "async", rpc=rpc(pki, "tls"), checkpoint=ckpt))
+    assert_refused(cluster, client_with(cluster, token_file=""), Unauthenticated,
+                   "Push: no token (rpc.token_file or PSRT_TOKEN)", "pserver[0] at 127.0.0.1:")
+    assert_refused(cluster, client_with(cluster, token_file=str(pki / "other.token")),
+                   Unauthenticated, "Push: wrong token")
+    no_token = dataclasses.replace(cluster.config, rpc=dataclasses.replace(cluster.config.rpc,
+                                                                          token_file=""))
+    coord = CoordinatorClient(no_token)
+    with pytest.raises(Unauthenticated, match="Coordinator/Join: no token"):
+        coord.join_trainer(0)
+    coord.close()
+    with security.open_channel(cluster.config.pservers[0], no_token.rpc) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes stay open
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            list(refl)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_status_uses_the_job_security_and_never_shows_the_token(
+        pki: Path, cluster_factory: Any) -> None:
+    cluster = cluster_factory(job(2, "async", rpc=rpc(pki, "mtls")))
+    text, ok = report(cluster.config)
+    assert ok and text.count("SERVING") == 2, text
+    other = dataclasses.replace(cluster.config, rpc=dataclasses.replace(
+        cluster.config.rpc, token_file=str(pki / "other.token")))
+    text, ok = report(other)
+    assert not ok and text.count("UNAUTHENTICATED: /psrt.v1.ParameterServer/Info: wrong "
+                                 "token") == 2, text
+    assert TOKEN not in text and OTHER not in text
+
+
+def test_pserver_cli_names_a_missing_certificate(pki: Path, tmp_path: Path) -> None:
+    keys = {**rpc(pki, "tls", token=False), "tls_cert": str(tmp_path / "gone.pem")}
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml({"job": {"pservers": ["127.0.0.1:0"]}, "rpc": keys}))
+    r = subprocess.run([sys.executable, "-m", "pserver", "--id", "0", "--config", str(path)],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"pserver: config error: rpc.tls_cert: no such file: " \
+                               f"{tmp_path / 'gone.pem'}"
+
+
+@pytest.mark.e2e
+def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
+                                                     tmp_path_factory: Any) -> None:
+    data = generated_data(tmp_path_factory, "secure", 2000, seed=5)
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 2, 2, 1,
+                   {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=128, progress="log", log_every=5)
+    doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ckpt"), step_interval=4)
+    doc["rpc"] = rpc(pki, "mtls", token=False)
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml(doc))
+    env = {**python_env(), "PSRT_TOKEN": TOKEN}  # the token from the environment
+    r = subprocess.run([sys.executable, "-m", "trainer", "launch", "--config", str(path)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "every trainer finished" in r.stderr and "held-out logloss" in r.stdout
+    done = sorted((tmp_path / "ckpt").glob("checkpoint_*/_SUCCESS"))
+    assert len(done) >= 2, out  # barrier, SaveShard to pserver 1 and commit all went through
+    for i in range(2):
+        assert f"pserver[{i}] security: mtls, token check on" in out
+    assert TOKEN not in out and "refused" not in out
