@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from pserver.client import PSClient
 from pserver.coordinator_rpc import CoordinatorClient
 from pserver.errors import Unauthenticated, Unavailable
 from pserver.status import report
-from tests.conftest import Cluster, generated_data, job, python_env
+from tests.conftest import Cluster, generated_data, job, python_env, wait_file
 from trainer.demo import demo_job, dump_toml
 
 TOKEN = "s3cret-token-" + "7f" * 16
@@ -250,3 +251,38 @@ def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
     for i in range(2):
         assert f"pserver[{i}] security: mtls, token check on" in out
     assert TOKEN not in out and "refused" not in out
+
+
+@pytest.mark.e2e
+def test_a_trainer_with_a_wrong_token_fails_naming_it_and_changes_nothing(
+        pki: Path, tmp_path: Path, tmp_path_factory: Any, spawn: Any) -> None:
+    data = generated_data(tmp_path_factory, "secure-bad", 500, seed=6)
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
+                   {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=64)
+    doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ckpt"))
+    doc["rpc"] = {**rpc(pki, "tls", token=False), "connect_timeout_s": 5.0}
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml(doc))
+    ready = tmp_path / "ready"
+    ps = spawn("-m", "pserver", "--id", "0", "--config", str(path), "--port", "0",
+               "--ready-file", str(ready), env={**python_env(), "PSRT_TOKEN": TOKEN})
+    bound = f'job.pservers=["{wait_file(ready, ps)}"]'
+    r = subprocess.run([sys.executable, "-m", "trainer", "--id", "0", "--config", str(path),
+                        "--set", bound], cwd=tmp_path, env={**python_env(), "PSRT_TOKEN": OTHER},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "/psrt.v1.Coordinator/Join: wrong token" in r.stderr, r.stderr
+    config = cfg.load(path, [bound], environ={})
+    text, ok = report(config)  # no token: Info is refused
+    assert not ok and "UNAUTHENTICATED: /psrt.v1.ParameterServer/Info: no token" in text, text
+    with PSClient(cfg.load(path, [bound, f"rpc.token_file={str(pki / 'token')!r}"],
+                           environ={})) as good:
+        info = good.info(0)
+    assert info.tables and all(t.rows == 0 for t in info.tables)  # nothing was created
+    ps.send_signal(signal.SIGTERM)
+    assert ps.wait(20) == 0
+    out = ps.stdout.read()
+    assert "pserver[0] refused /psrt.v1.Coordinator/Join from ipv4:127.0.0.1:" in out, out
+    for text in (out, r.stdout, r.stderr):
+        assert TOKEN not in text and OTHER not in text
