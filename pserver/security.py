@@ -39,7 +39,9 @@ _TLS_FILES = ("tls_cert", "tls_key", "tls_ca", "tls_client_cert", "tls_client_ke
 
 
 def check(rpc: RpcConfig) -> None:
-    """The keys fit together (no file is opened: each process reads only the files it uses)."""
+    """The keys fit together. No file is opened here, and what only one role needs (a
+    pserver's certificate, a client's in mtls) is asked for when that role starts: each
+    process reads only the files it uses, so a trainer needs no server key."""
     mode = rpc.tls
     if mode == "off":
         for key in (*_TLS_FILES, "tls_server_name"):
@@ -47,22 +49,17 @@ def check(rpc: RpcConfig) -> None:
                 raise ConfigError(f"rpc.{key}", "is set but rpc.tls is 'off'; set rpc.tls to "
                                   "'tls' or 'mtls' to use it")
         return
-    for key in ("tls_cert", "tls_key"):
-        if not getattr(rpc, key):
-            other = "tls_key" if key == "tls_cert" else "tls_cert"
-            why = f" (rpc.{other} is set)" if getattr(rpc, other) else ""
-            raise ConfigError(f"rpc.{key}", f"required when rpc.tls is {mode!r}{why}")
-    if mode == "mtls" and not rpc.tls_ca:
-        raise ConfigError("rpc.tls_ca", "required when rpc.tls is 'mtls' (the CA that signed "
-                          "the clients' certificates)")
     if mode == "tls":
         for key in ("tls_client_cert", "tls_client_key"):
             if getattr(rpc, key):
                 raise ConfigError(f"rpc.{key}", "only used when rpc.tls is 'mtls', got 'tls'")
-    if bool(rpc.tls_client_cert) != bool(rpc.tls_client_key):
-        have, missing = (("tls_client_cert", "tls_client_key") if rpc.tls_client_cert
-                         else ("tls_client_key", "tls_client_cert"))
-        raise ConfigError(f"rpc.{missing}", f"required because rpc.{have} is set")
+    for cert, key in (("tls_cert", "tls_key"), ("tls_client_cert", "tls_client_key")):
+        if bool(getattr(rpc, cert)) != bool(getattr(rpc, key)):
+            have, missing = (cert, key) if getattr(rpc, cert) else (key, cert)
+            raise ConfigError(f"rpc.{missing}", f"required because rpc.{have} is set")
+    if mode == "mtls" and not rpc.tls_ca:
+        raise ConfigError("rpc.tls_ca", "required when rpc.tls is 'mtls' (the CA that signed "
+                          "the certificates of the pservers and of the clients)")
 
 
 def _read(key: str, path: str) -> bytes:
@@ -141,6 +138,9 @@ def server_credentials(rpc: RpcConfig) -> grpc.ServerCredentials | None:
     """The credentials of a pserver's port (None: plaintext)."""
     if rpc.tls == "off":
         return None
+    if not rpc.tls_cert:
+        raise ConfigError("rpc.tls_cert", f"a pserver needs its certificate when rpc.tls is "
+                          f"{rpc.tls!r} (rpc.tls_cert and rpc.tls_key)")
     cert, key = _pair("tls_cert", "tls_key", rpc)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=_ca(rpc),
                                        require_client_auth=rpc.tls == "mtls")
@@ -208,6 +208,10 @@ def channel_credentials(rpc: RpcConfig) -> grpc.ChannelCredentials | None:
         return None
     cert = key = None
     if rpc.tls == "mtls":
+        if not rpc.tls_client_cert and not rpc.tls_cert:
+            raise ConfigError("rpc.tls_client_cert", "a client needs a certificate when rpc.tls "
+                              "is 'mtls' (rpc.tls_client_cert and rpc.tls_client_key, or "
+                              "rpc.tls_cert and rpc.tls_key)")
         pair = ("tls_client_cert", "tls_client_key") if rpc.tls_client_cert \
             else ("tls_cert", "tls_key")
         cert, key = _pair(*pair, rpc)

@@ -89,11 +89,8 @@ def assert_refused(cluster: Cluster, bad: PSClient, error: type, *words: str) ->
 @pytest.mark.parametrize("keys,error", [
     ({"tls_cert": "a.pem"}, "rpc.tls_cert: is set but rpc.tls is 'off'"),
     ({"tls_server_name": "x"}, "rpc.tls_server_name: is set but rpc.tls is 'off'"),
-    ({"tls": "tls"}, "rpc.tls_cert: required when rpc.tls is 'tls'"),
-    ({"tls": "tls", "tls_cert": "a.pem"}, "rpc.tls_key: required when rpc.tls is 'tls' "
-     "(rpc.tls_cert is set)"),
-    ({"tls": "tls", "tls_key": "a.key"}, "rpc.tls_cert: required when rpc.tls is 'tls' "
-     "(rpc.tls_key is set)"),
+    ({"tls": "tls", "tls_cert": "a.pem"}, "rpc.tls_key: required because rpc.tls_cert is set"),
+    ({"tls": "tls", "tls_key": "a.key"}, "rpc.tls_cert: required because rpc.tls_key is set"),
     ({"tls": "mtls", "tls_cert": "a.pem", "tls_key": "a.key"}, "rpc.tls_ca: required when "
      "rpc.tls is 'mtls'"),
     ({"tls": "tls", "tls_cert": "a", "tls_key": "b", "tls_client_cert": "c"},
@@ -107,6 +104,21 @@ def test_keys_that_do_not_fit_together_are_named(keys: dict, error: str) -> None
     with pytest.raises(cfg.ConfigError) as e:
         cfg.build({"rpc": keys})
     assert str(e.value).startswith(error), e.value
+
+
+def test_each_role_needs_only_its_own_certificate(pki: Path) -> None:
+    ca = str(pki / "ca.pem")
+    trainer = cfg.build({"rpc": {"tls": "tls", "tls_ca": ca}}).rpc  # no server files at all
+    assert security.channel_credentials(trainer) is not None
+    with pytest.raises(cfg.ConfigError, match="rpc.tls_cert: a pserver needs its certificate "
+                       "when rpc.tls is 'tls'"):
+        security.server_credentials(trainer)
+    with pytest.raises(cfg.ConfigError, match="rpc.tls_client_cert: a client needs a "
+                       "certificate when rpc.tls is 'mtls'"):
+        security.channel_credentials(cfg.build({"rpc": {"tls": "mtls", "tls_ca": ca}}).rpc)
+    client_only = {"tls": "mtls", "tls_ca": ca, "tls_client_cert": str(pki / "client.pem"),
+                   "tls_client_key": str(pki / "client.key")}
+    assert security.channel_credentials(cfg.build({"rpc": client_only}).rpc) is not None
 
 
 @pytest.mark.parametrize("edit,error", [
