@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pserver.client import PSClient
 from pserver.coordinator_rpc import CoordinatorClient
 from pserver.errors import Unauthenticated, Unavailable
 from pserver.status import report
-from tests.conftest import Cluster, generated_data, job, python_env, wait_file
+from tests.conftest import ROOT, Cluster, generated_data, job, python_env, wait_file
 from trainer.demo import demo_job, dump_toml
 
 TOKEN = "s3cret-token-" + "7f" * 16
@@ -298,3 +300,60 @@ def test_a_trainer_with_a_wrong_token_fails_naming_it_and_changes_nothing(
     assert "pserver[0] refused /psrt.v1.Coordinator/Join from ipv4:127.0.0.1:" in out, out
     for text in (out, r.stdout, r.stderr):
         assert TOKEN not in text and OTHER not in text
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl")
+def test_make_certs_script_gives_a_working_mtls_job(tmp_path: Path, cluster_factory: Any) -> None:
+    d = tmp_path / "certs"
+    script = str(ROOT / "deploy" / "make-certs.sh")
+    r = subprocess.run(["sh", script, str(d), "pserver-0", "pserver-1"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    secure = {"tls": "mtls", "tls_cert": str(d / "server.pem"), "tls_key": str(d / "server.key"),
+              "tls_ca": str(d / "ca.pem"), "token_file": str(d / "token")}
+    cluster = cluster_factory(job(2, "async", rpc=secure))
+    trainer = client_with(cluster, tls_cert="", tls_key="", tls_client_cert=str(d / "client.pem"),
+                          tls_client_key=str(d / "client.key"), tls_server_name="pserver-1")
+    assert trainer.pull("emb", np.arange(5, dtype=np.uint64)).shape == (5, 8)
+    token = (d / "token").read_text().strip()
+    assert len(token) == 64 and token not in r.stdout + r.stderr
+    again = subprocess.run(["sh", script, str(d)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists; remove" in again.stderr  # never overwrites
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl")
+@pytest.mark.parametrize("mode", ["mtls", "tls"])
+def test_compose_override_gives_every_service_a_working_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """deploy/docker-compose.secure.yml's variables, over a job file, with the script's files
+    where the containers mount them: each pserver serves, each trainer connects."""
+    import yaml
+
+    d = tmp_path / "certs"
+    subprocess.run(["sh", str(ROOT / "deploy" / "make-certs.sh"), str(d)], check=True,
+                   capture_output=True, timeout=60)
+    doc = yaml.safe_load((ROOT / "deploy" / "docker-compose.secure.yml").read_text())
+    assert set(doc["services"]) >= {"pserver-0", "pserver-1", "trainer-0", "trainer-1"}
+    monkeypatch.setenv("PSRT_TLS_MODE", mode)
+    configs = {}
+    for name, service in doc["services"].items():
+        env = {k: os.path.expandvars(v.replace(":-mtls}", "}")).replace("/etc/psrt/certs", str(d))
+               for k, v in service["environment"].items()}
+        mounted = {m.split(":")[1] for m in service["volumes"]}
+        for key, value in env.items():
+            if key.startswith("PSRT_RPC__") and value.startswith(str(d)):
+                path = value.replace(str(d), "/etc/psrt/certs")
+                assert any(path.startswith(m) for m in mounted), (name, path)
+        configs[name] = cfg.load(None, ['job.pservers=["127.0.0.1:0", "127.0.0.1:0"]',
+                                        "tables.emb.dim=8"],
+                                 environ=env)
+        assert configs[name].rpc.tls == mode
+    cluster = Cluster(configs["pserver-0"])
+    try:
+        trainer = dataclasses.replace(configs["trainer-1"], pservers=cluster.config.pservers,
+                                      rpc=dataclasses.replace(configs["trainer-1"].rpc,
+                                                              tls_server_name="pserver-1"))
+        with PSClient(trainer) as c:
+            assert c.pull("emb", np.arange(4, dtype=np.uint64)).shape == (4, 8)
+    finally:
+        cluster.stop()
