@@ -49,6 +49,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generated_data(tmp_path_factory, "secure", 2000, seed=5)
+
+
+def job_file(path: Path, data: Path, pservers: int, trainers: int, **sections: Any) -> Path:
+    """A tiny training job (1 epoch of logistic regression) with checkpoints in path/../ckpt."""
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), pservers, trainers,
+                   1, {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=128, progress="log", log_every=5)
+    doc["checkpoint"].update(checkpoint_dir=str(path.parent / "ckpt"), step_interval=4)
+    doc.update(sections)
+    path.write_text(dump_toml(doc))
+    return path
+
+
 def rpc(pki: Path, mode: str = "mtls", token: bool = True, **more: str) -> dict[str, Any]:
     out: dict[str, Any] = {"tls": mode}
     if mode != "off":
@@ -243,17 +259,20 @@ def test_pserver_cli_names_a_missing_certificate(pki: Path, tmp_path: Path) -> N
                                f"{tmp_path / 'gone.pem'}"
 
 
+def test_trainer_cli_names_a_missing_client_certificate(pki: Path, tmp_path: Path,
+                                                       data: Path) -> None:
+    keys = {**rpc(pki, "mtls", token=False), "tls_client_key": str(tmp_path / "gone.key")}
+    path = job_file(tmp_path / "job.toml", data, 1, 1, rpc=keys)
+    r = subprocess.run([sys.executable, "-m", "trainer", "--id", "0", "--config", str(path)],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"trainer[0]: config error: rpc.tls_client_key: no such file: {tmp_path}" in r.stderr
+
+
 @pytest.mark.e2e
 def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
-                                                     tmp_path_factory: Any) -> None:
-    data = generated_data(tmp_path_factory, "secure", 2000, seed=5)
-    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 2, 2, 1,
-                   {"kind": "lr", "use_numeric": True})
-    doc["trainer"].update(batch_size=128, progress="log", log_every=5)
-    doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ckpt"), step_interval=4)
-    doc["rpc"] = rpc(pki, "mtls", token=False)
-    path = tmp_path / "job.toml"
-    path.write_text(dump_toml(doc))
+                                                     data: Path) -> None:
+    path = job_file(tmp_path / "job.toml", data, 2, 2, rpc=rpc(pki, "mtls", token=False))
     env = {**python_env(), "PSRT_TOKEN": TOKEN}  # the token from the environment
     r = subprocess.run([sys.executable, "-m", "trainer", "launch", "--config", str(path)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
@@ -269,15 +288,9 @@ def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
 
 @pytest.mark.e2e
 def test_a_trainer_with_a_wrong_token_fails_naming_it_and_changes_nothing(
-        pki: Path, tmp_path: Path, tmp_path_factory: Any, spawn: Any) -> None:
-    data = generated_data(tmp_path_factory, "secure-bad", 500, seed=6)
-    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
-                   {"kind": "lr", "use_numeric": True})
-    doc["trainer"].update(batch_size=64)
-    doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ckpt"))
-    doc["rpc"] = {**rpc(pki, "tls", token=False), "connect_timeout_s": 5.0}
-    path = tmp_path / "job.toml"
-    path.write_text(dump_toml(doc))
+        pki: Path, tmp_path: Path, data: Path, spawn: Any) -> None:
+    keys = {**rpc(pki, "tls", token=False), "connect_timeout_s": 5.0}
+    path = job_file(tmp_path / "job.toml", data, 1, 1, rpc=keys)
     ready = tmp_path / "ready"
     ps = spawn("-m", "pserver", "--id", "0", "--config", str(path), "--port", "0",
                "--ready-file", str(ready), env={**python_env(), "PSRT_TOKEN": TOKEN})
