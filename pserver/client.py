@@ -79,7 +79,8 @@ class PSClient:
                 grpc.channel_ready_future(ch).result(timeout=timeout)
             except grpc.FutureTimeoutError:
                 raise Unavailable(f"pserver[{p}] at {self.addresses[p]} did not answer within "
-                                  f"{timeout:.0f}s (rpc.connect_timeout_s)") from None
+                                  f"{timeout:.0f}s (rpc.connect_timeout_s)"
+                                  f"{security.why_unreachable(ch, self.config.rpc)}") from None
 
     def _call(self, p: int, method: str, request: object) -> grpc.Future:
         return self._stubs[p][method].future(request, timeout=self.deadline)

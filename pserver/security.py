@@ -271,3 +271,18 @@ class _CallDetails(grpc.ClientCallDetails):
         self.credentials = credentials
         self.wait_for_ready = wait_for_ready
         self.compression = compression
+
+
+def why_unreachable(channel: grpc.Channel, rpc: RpcConfig, timeout: float = 2.0) -> str:
+    """With TLS on, gRPC's reason a channel never became ready (a failed handshake looks like
+    an absent pserver otherwise), as "; ..." to append to an error; "" without TLS."""
+    if rpc.tls == "off":
+        return ""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                  timeout=timeout)
+    except grpc.RpcError as e:
+        return f"; with rpc.tls = {rpc.tls!r}: {e.details()}"
+    return ""

@@ -206,6 +206,10 @@ def test_mtls_refuses_a_client_without_a_certificate_or_with_a_foreign_one(
     rogue = client_with(cluster, tls_client_cert=str(pki / "rogue.pem"),
                         tls_client_key=str(pki / "rogue.key"))
     assert_refused(cluster, rogue, Unavailable)
+    with pytest.raises(Unavailable) as e:  # waiting says why, not only that it timed out
+        client_with(cluster, tls_ca=str(pki / "rogue-ca.pem")).wait_ready(1)
+    assert "did not answer within 1s (rpc.connect_timeout_s); with rpc.tls = 'mtls': " \
+           "failed to connect" in str(e.value) and "CERTIFICATE_VERIFY_FAILED" in str(e.value)
     # without tls_client_*, clients present tls_cert (the server's certificate, same CA)
     shared = client_with(cluster, tls_client_cert="", tls_client_key="")
     assert shared.pull("emb", np.arange(3, dtype=np.uint64)).shape == (3, 8)
