@@ -148,8 +148,8 @@ def server_credentials(rpc: RpcConfig) -> grpc.ServerCredentials | None:
 
 def describe(rpc: RpcConfig) -> str:
     """The security a job runs with, for logs (never the token itself)."""
-    check = "token check on" if token(rpc) is not None else "no token check"
-    return f"{'plaintext' if rpc.tls == 'off' else rpc.tls}, {check}"
+    tokens = "token check on" if token(rpc) is not None else "no token check"
+    return f"{'plaintext' if rpc.tls == 'off' else rpc.tls}, {tokens}"
 
 
 def add_port(server: grpc.Server, listen: str, rpc: RpcConfig, role: str) -> int:
