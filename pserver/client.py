@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 import grpc
 import numpy as np
 
-from pserver import codec, malloc, security
+from pserver import codec, malloc
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.dedup import Groups, dedup, group, sum_duplicates
 from pserver.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
+from pserver.security import open_channel, why_unreachable
 from pserver.server import channel_options
 from pserver.servicer import SERVICE
 from pserver.sharding import owner
@@ -50,7 +51,7 @@ class PSClient:
         self._dims = {t.name: t.dim for t in config.tables}
         self._dense = {d.name: config.dense_owner(d.name) for d in config.dense}  # -> pserver
         opts = channel_options(config)
-        self._channels = [security.open_channel(a, config.rpc, opts) for a in self.addresses]
+        self._channels = [open_channel(a, config.rpc, opts) for a in self.addresses]
         # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
         self._stubs = [
             {name: ch.unary_unary(
@@ -80,7 +81,7 @@ class PSClient:
             except grpc.FutureTimeoutError:
                 raise Unavailable(f"pserver[{p}] at {self.addresses[p]} did not answer within "
                                   f"{timeout:.0f}s (rpc.connect_timeout_s)"
-                                  f"{security.why_unreachable(ch, self.config.rpc)}") from None
+                                  f"{why_unreachable(ch, self.config.rpc)}") from None
 
     def _call(self, p: int, method: str, request: object) -> grpc.Future:
         return self._stubs[p][method].future(request, timeout=self.deadline)

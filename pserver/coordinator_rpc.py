@@ -15,10 +15,10 @@ from google.protobuf.message import DecodeError
 
 from ckpt.manifest import Part
 from pserver import psrt_pb2 as pb
-from pserver import security
 from pserver.config import JobConfig
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition, PsrtError, Unavailable, from_rpc_error, status_of
+from pserver.security import open_channel
 from pserver.servicer import remaining as _remaining
 
 SERVICE = "psrt.v1.Coordinator"
@@ -93,7 +93,7 @@ class CoordinatorClient:
         self.deadline = config.rpc.deadline_s
         self.long_deadline = config.rpc.checkpoint_timeout_s
         self.connect_timeout = config.rpc.connect_timeout_s
-        self._channel = security.open_channel(self.address, config.rpc)
+        self._channel = open_channel(self.address, config.rpc)
         self._stubs = {name: self._channel.unary_unary(
             f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=resp.FromString) for name, (_, resp) in _METHODS.items()}

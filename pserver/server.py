@@ -17,13 +17,14 @@ from ckpt import reader
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
 from ckpt.storage import LocalStorage
-from pserver import malloc, persist, security
+from pserver import malloc, persist
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
 from pserver.coordinator import Coordinator
 from pserver.coordinator_rpc import SERVICE as COORDINATOR
 from pserver.coordinator_rpc import CoordinatorClient, CoordinatorServicer
 from pserver.errors import from_rpc_error
+from pserver.security import add_port, open_channel, server_interceptors
 from pserver.servicer import SERVICE, Servicer
 from pserver.shard import Shard
 
@@ -69,7 +70,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         futures.ThreadPoolExecutor(max_workers=config.rpc.server_threads,
                                    thread_name_prefix=role),
         options=channel_options(config),
-        interceptors=security.server_interceptors(config.rpc, role),
+        interceptors=server_interceptors(config.rpc, role),
     )
     server.add_generic_rpc_handlers((Servicer(shard, role).generic_handler(),))
     services = [SERVICE]
@@ -87,7 +88,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     )
     listen = f"{bind_host if bind_host is not None else host}:{port}"
     try:
-        bound = security.add_port(server, listen, config.rpc, role)
+        bound = add_port(server, listen, config.rpc, role)
     except RuntimeError as e:
         raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {listen}: {e}") \
             from None
@@ -120,7 +121,7 @@ def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
                 return None
             return persist.save_shard(shard, storage, serial)
         address = coordinator.address_of(pserver_id)
-        with security.open_channel(address, config.rpc, channel_options(config)) as ch:
+        with open_channel(address, config.rpc, channel_options(config)) as ch:
             call = ch.unary_unary(f"/{SERVICE}/SaveShard",
                                   request_serializer=pb.SaveShardRequest.SerializeToString,
                                   response_deserializer=pb.SaveShardResponse.FromString)

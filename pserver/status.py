@@ -15,14 +15,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ckpt import reader
 from ckpt.storage import LocalStorage
 from pserver import psrt_pb2 as pb
-from pserver import security
 from pserver.config import JobConfig, RpcConfig
+from pserver.security import open_channel
 from pserver.servicer import SERVICE
 
 
 def _one(address: str, timeout: float, rpc: RpcConfig) -> tuple[str, pb.InfoResponse | None, str]:
     """(health, info or None, error) of the pserver at `address`."""
-    with security.open_channel(address, rpc) as ch:
+    with open_channel(address, rpc) as ch:
         try:
             health = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)
