@@ -36,6 +36,17 @@ def test_pserver_cli_names_a_missing_certificate(pki: Path, tmp_path: Path) -> N
                                f"{tmp_path / 'gone.pem'}"
 
 
+def test_status_cli_names_a_missing_ca(pki: Path, tmp_path: Path) -> None:
+    keys = {**rpc(pki, "tls", token=False), "tls_ca": str(tmp_path / "gone-ca.pem")}
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml({"job": {"pservers": ["127.0.0.1:1"]}, "rpc": keys}))
+    r = subprocess.run([sys.executable, "-m", "pserver", "status", "--config", str(path)],
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == f"pserver status: config error: rpc.tls_ca: no such file: " \
+                               f"{tmp_path / 'gone-ca.pem'}"
+
+
 def test_trainer_cli_names_a_missing_client_certificate(pki: Path, tmp_path: Path,
                                                        data: Path) -> None:
     keys = {**rpc(pki, "mtls", token=False), "tls_client_key": str(tmp_path / "gone.key")}
