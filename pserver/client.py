@@ -19,6 +19,7 @@ from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.dedup import Groups, dedup, group, sum_duplicates
 from pserver.errors import InvalidArgument, NotFound, PsrtError, Unavailable, from_rpc_error
+from pserver.security import open_channel, why_unreachable
 from pserver.server import channel_options
 from pserver.servicer import GENERATION_KEY, SERVICE
 from pserver.sharding import owner
@@ -53,7 +54,7 @@ class PSClient:
         self._dims = {t.name: t.dim for t in config.tables}
         self._dense = {d.name: config.dense_owner(d.name) for d in config.dense}  # -> pserver
         opts = channel_options(config)
-        self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels = [open_channel(a, config.rpc, opts) for a in self.addresses]
         # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
         self._stubs = [
             {name: ch.unary_unary(
@@ -82,7 +83,8 @@ class PSClient:
                 grpc.channel_ready_future(ch).result(timeout=timeout)
             except grpc.FutureTimeoutError:
                 raise Unavailable(f"pserver[{p}] at {self.addresses[p]} did not answer within "
-                                  f"{timeout:.0f}s (rpc.connect_timeout_s)") from None
+                                  f"{timeout:.0f}s (rpc.connect_timeout_s)"
+                                  f"{why_unreachable(ch, self.config.rpc)}") from None
 
     def set_generation(self, generation: int) -> None:
         """Every call from now on belongs to `generation` (pservers refuse other ones)."""

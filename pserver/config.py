@@ -107,6 +107,21 @@ RPC_KEYS = [
     Key("grace_s", float, 5.0, "on SIGTERM, how long in-flight calls may finish", _non_negative),
     Key("checkpoint_timeout_s", float, 600.0, "deadline of the checkpoint calls (restore, "
         "barrier, commit), which wait for other processes and for the disk", _positive),
+    # security (pserver/security.py; README "Security")
+    Key("tls", str, "off", "off; tls: pservers present tls_cert, clients verify it against "
+        "tls_ca; mtls: clients present a certificate too and pservers verify it against tls_ca",
+        _one_of("off", "tls", "mtls")),
+    Key("tls_cert", str, "", "PEM certificate (chain) pservers present; in mtls clients too, "
+        "unless tls_client_cert is set"),
+    Key("tls_key", str, "", "PEM private key of tls_cert"),
+    Key("tls_ca", str, "", "PEM CA certificates that verify the peer (clients: the pservers'; "
+        "mtls pservers: the clients'); empty: the system's roots (tls only)"),
+    Key("tls_client_cert", str, "", "mtls: PEM certificate clients present (default: tls_cert)"),
+    Key("tls_client_key", str, "", "mtls: PEM private key of tls_client_cert (default: tls_key)"),
+    Key("tls_server_name", str, "", "host name clients expect in the pservers' certificates "
+        "(default: the host of each job.pservers address)"),
+    Key("token_file", str, "", "file holding the shared token every call must carry "
+        "(or the PSRT_TOKEN environment variable, not both); empty: no token check"),
 ]
 _OPT_KEYS = [
     Key("optimizer", str, None, "sgd, adagrad or adam", _one_of(*optimizers.KINDS)),
@@ -180,6 +195,19 @@ class RpcConfig:
     server_threads: int = 32
     grace_s: float = 5.0
     checkpoint_timeout_s: float = 600.0
+    tls: str = "off"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+    token_file: str = ""
+
+    def __post_init__(self) -> None:
+        from pserver.security import check  # imports this module
+
+        check(self)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pserver.errors import (
     from_rpc_error,
     status_of,
 )
+from pserver.security import open_channel
 from pserver.servicer import remaining as _remaining
 
 SERVICE = "psrt.v1.Coordinator"
@@ -111,7 +112,7 @@ class CoordinatorClient:
         self.generation = 0  # learnt from the last Join
         from pserver.server import channel_options
 
-        self._channel = grpc.insecure_channel(self.address, options=channel_options(config))
+        self._channel = open_channel(self.address, config.rpc, channel_options(config))
         self._stubs = {name: self._channel.unary_unary(
             f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=resp.FromString) for name, (_, resp) in _METHODS.items()}

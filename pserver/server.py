@@ -24,6 +24,7 @@ from pserver.coordinator_rpc import SERVICE as COORDINATOR
 from pserver.coordinator_rpc import CoordinatorClient, CoordinatorServicer
 from pserver.errors import from_rpc_error
 from pserver.member import PserverMember
+from pserver.security import add_port, open_channel, server_interceptors
 from pserver.servicer import SERVICE, Servicer
 from pserver.shard import Shard
 
@@ -88,6 +89,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         futures.ThreadPoolExecutor(max_workers=config.rpc.server_threads,
                                    thread_name_prefix=role),
         options=channel_options(config),
+        interceptors=server_interceptors(config.rpc, role),
     )
     servicer = Servicer(shard, role)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
@@ -106,7 +108,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     )
     listen = f"{bind_host if bind_host is not None else host}:{port}"
     try:
-        bound = server.add_insecure_port(listen)
+        bound = add_port(server, listen, config.rpc, role)
     except RuntimeError as e:
         raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {listen}: {e}") \
             from None
@@ -142,7 +144,7 @@ def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
                 return None
             return persist.save_shard(shard, storage, serial)
         address = coordinator.address_of(pserver_id)
-        with grpc.insecure_channel(address, options=channel_options(config)) as ch:
+        with open_channel(address, config.rpc, channel_options(config)) as ch:
             call = ch.unary_unary(f"/{SERVICE}/SaveShard",
                                   request_serializer=pb.SaveShardRequest.SerializeToString,
                                   response_deserializer=pb.SaveShardResponse.FromString)

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trainer.train()
+    except pscfg.ConfigError as e:  # e.g. a TLS file or the token, read on connecting
+        print(f"{role}: config error: {e}", file=sys.stderr)
+        return 2
     except LockedError as e:
         print(f"{role}: {e}", file=sys.stderr)
         return 2
