@@ -135,7 +135,18 @@ DENSE_KEYS = [
     *[dataclasses.replace(k, default={"optimizer": "adam", "learning_rate": 0.001}[k.name])
       if k.name in ("optimizer", "learning_rate") else k for k in _OPT_KEYS],
 ]
-SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS}
+METRICS_KEYS = [
+    Key("port", int, -1, "Prometheus metrics over HTTP: -1 off; 0 each process picks a free port "
+        "(logged, and written to metrics.targets_dir); N > 0: pserver i serves on N + i, "
+        "trainer j on N + P + j", lambda v: None if v >= -1 else f"must be >= -1, got {v!r}"),
+    Key("host", str, "127.0.0.1", "address the metrics port listens on (0.0.0.0 in a "
+        "container)", lambda v: None if v.strip() else "must not be empty"),
+    Key("targets_dir", str, "", "if set, each process writes ROLE_ID.json there, a Prometheus "
+        "file_sd target (its HOST:PORT, role and id), once its metrics port serves"),
+    Key("curves_dir", str, "", "if set, trainer j appends its per-step figures to "
+        "trainer_J.jsonl there (`python -m trainer launch` sets WORKDIR/curves)"),
+]
+SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "metrics": METRICS_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}
 OTHER_SECTIONS = ("trainer", "data", "model")
 
@@ -173,6 +184,14 @@ class RpcConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int = -1
+    host: str = "127.0.0.1"
+    targets_dir: str = ""
+    curves_dir: str = ""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "psrt-job"
     mode: str = "sync"
@@ -181,6 +200,7 @@ class JobConfig:
     pservers: tuple[str, ...] = ("127.0.0.1:7070",)
     virtual_shards: int = 1024
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tables: tuple[TableSpec, ...] = ()
     dense: tuple[DenseSpec, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -253,6 +273,10 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
             raise ConfigError(section, f"unknown section (known: {known})")
     job = parse_section("job", JOB_KEYS, raw.get("job", {}))
     rpc = RpcConfig(**parse_section("rpc", RPC_KEYS, raw.get("rpc", {})))
+    metrics = MetricsConfig(**parse_section("metrics", METRICS_KEYS, raw.get("metrics", {})))
+    last = metrics.port + len(job["pservers"]) + job["num_trainers"] - 1
+    if metrics.port > 0 and last > 65535:
+        raise ConfigError("metrics.port", f"{metrics.port} + P + T - 1 = {last} is over 65535")
     tables, dense = [], []
     for kind, schema in NAMED_SCHEMAS.items():
         named = raw.get(kind, {})
@@ -272,7 +296,7 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     if clash:
         raise ConfigError(f"dense.{sorted(clash)[0]}", "a table has the same name")
     sections = {k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw}
-    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc,
+    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc, metrics=metrics,
                      tables=tuple(tables), dense=tuple(dense), sections=sections, source=source,
                      checkpoint=_checkpoint(raw.get("checkpoint")))
 

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Part, merge
 from ckpt.storage import LocalStorage
+from pserver import metrics as pmetrics
 from pserver.config import JobConfig
 from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
@@ -216,6 +217,7 @@ class Coordinator:
             parts, failures, final = list(self._parts.values()), list(self._failures), \
                 self._final
         outcome = self._finish(serial, parts, failures, final)
+        pmetrics.of(self).checkpoint_outcome(serial, outcome)
         with self._cond:
             self._outcome[serial] = outcome
             self._serial, self._round = None, {}

@@ -18,6 +18,7 @@ from ckpt.lock import LockedError
 from ckpt.manifest import Part
 from ckpt.storage import LocalStorage
 from pserver import malloc, persist
+from pserver import metrics as pmetrics
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
 from pserver.coordinator import Coordinator
@@ -46,10 +47,12 @@ class Pserver:
     health: health.HealthServicer
     address: str  # where other processes reach it
     coordinator: Coordinator | None = None
+    metrics: pmetrics.ServerMetrics | pmetrics.NullServerMetrics = pmetrics.NULL
 
     def stop(self, grace: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.stop()
 
 
 def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
@@ -70,11 +73,13 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
                                    thread_name_prefix=role),
         options=channel_options(config),
     )
-    server.add_generic_rpc_handlers((Servicer(shard, role).generic_handler(),))
+    metrics = pmetrics.for_pserver(config, pserver_id, shard)
+    server.add_generic_rpc_handlers((Servicer(shard, role, metrics).generic_handler(),))
     services = [SERVICE]
     coordinator = None
     if config.checkpoint is not None and pserver_id == 0:
         coordinator = _coordinator(config, shard)
+        metrics.watch_coordinator(coordinator)
         wait = config.rpc.checkpoint_timeout_s
         server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, wait)
                                          .generic_handler(),))
@@ -94,7 +99,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         raise ConfigError(f"job.pservers[{pserver_id}]",
                           f"cannot listen on {listen} (port in use or host not local)")
     server.start()
-    ps = Pserver(server, bound, shard, health_servicer, f"{host}:{bound}", coordinator)
+    ps = Pserver(server, bound, shard, health_servicer, f"{host}:{bound}", coordinator, metrics)
     try:
         _restore(ps)
     except BaseException:

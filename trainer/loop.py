@@ -28,6 +28,7 @@ from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerSettings, model_for, settings
 from trainer.local import LocalClient
 from trainer.metrics import auc, logloss
+from trainer.metrics_export import TrainerExport
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Trainer:
         self.client: PSClient | LocalClient | None = None
         self.checkpointer: Checkpointer | None = None
         self._pending_push: Callable[[], int] | None = None  # the last step's push answers
+        self.export = TrainerExport(self.job, trainer_id)  # metrics and training curves
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
         s = self.settings
@@ -125,6 +127,7 @@ class Trainer:
         return self.client
 
     def close(self) -> None:
+        self.export.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
             self.checkpointer = None
@@ -202,6 +205,7 @@ class Trainer:
         log.info("%s training %d epochs of %d steps (batch %d, %s mode, %d trainers)", self.role,
                  epochs, r.steps_per_epoch, self.settings.batch_size, self.job.mode,
                  self.job.num_trainers)
+        self.export.start()
         for epoch in range(r.epoch, epochs):
             if epoch != r.epoch or r.position == 0:
                 r.start_epoch(epoch)
@@ -214,6 +218,7 @@ class Trainer:
                 loss = self.step(batch)
                 progress.update(loss)
                 handler(EndStepEvent(epoch, step_id, self.global_step, loss))
+                self.export.step(epoch, self.global_step, loss, len(batch))
                 if self.checkpointer is not None:
                     last = epoch == epochs - 1 and r.position == r.steps_per_epoch
                     self.checkpointer.after_step(epoch, step_id, last)
@@ -227,6 +232,7 @@ class Trainer:
                     log.info("%s epoch %d: held-out logloss %.5f, AUC %.5f (%d examples)",
                              self.role, epoch, metrics["logloss"], metrics["auc"],
                              metrics["examples"])
+                self.export.evaluated(epoch, self.global_step, metrics)
             handler(EndEpochEvent(epoch, metrics))
         return metrics
 
