@@ -71,6 +71,7 @@ class TrainerExport(Exporter):
         self._last = time.perf_counter()
         self._win_t0, self._win_examples, self._win_rate = self._last, 0, math.nan
         self.global_step = 0
+        self._started = False
 
     # ---- events -----------------------------------------------------------------
 
@@ -78,8 +79,13 @@ class TrainerExport(Exporter):
         """Serve metrics (if configured) and mark a start in the curves file."""
         port = super().start()
         self._last = self._win_t0 = time.perf_counter()
-        self._write({"kind": "start", "step": self.global_step, "pid": os.getpid()})
+        self._mark_start()
         return port
+
+    def _mark_start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._write({"kind": "start", "step": self.global_step, "pid": os.getpid()})
 
     def step(self, epoch: int, global_step: int, loss: float, examples: int) -> None:
         now = time.perf_counter()
@@ -115,6 +121,7 @@ class TrainerExport(Exporter):
                      "seconds": round(seconds, 4)})
 
     def restored(self, serial: int, global_step: int) -> None:
+        self._mark_start()
         self._ckpt_serial.set(serial)
         self.global_step = global_step
         self._step.set(global_step)
