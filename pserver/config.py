@@ -141,10 +141,12 @@ METRICS_KEYS = [
         "trainer j on N + P + j", lambda v: None if v >= -1 else f"must be >= -1, got {v!r}"),
     Key("host", str, "127.0.0.1", "address the metrics port listens on (0.0.0.0 in a "
         "container)", lambda v: None if v.strip() else "must not be empty"),
-    Key("targets_dir", str, "", "if set, each process writes ROLE_ID.json there, a Prometheus "
-        "file_sd target (its HOST:PORT, role and id), once its metrics port serves"),
+    Key("targets_dir", str, "", "if set, each process writes ROLE_ID.json there (a Prometheus "
+        "file_sd target list: its HOST:PORT) once its metrics port serves, and removes it when "
+        "it stops; relative to the working directory"),
     Key("curves_dir", str, "", "if set, trainer j appends its per-step figures to "
-        "trainer_J.jsonl there (`python -m trainer launch` sets WORKDIR/curves)"),
+        "trainer_J.jsonl there, relative to the working directory (`python -m trainer "
+        "launch` sets WORKDIR/curves)"),
 ]
 SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "metrics": METRICS_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}

@@ -4,7 +4,8 @@ Each process has its own `CollectorRegistry` (tests run several servers in one
 process) served over HTTP when the job file's `metrics.port` is not -1: pserver i
 on `port + i`, trainer j on `port + P + j`, or a free port when `port` is 0. The
 bound HOST:PORT is logged and, with `metrics.targets_dir`, written there as a
-Prometheus file_sd target. Every series carries `role` and `id` labels.
+Prometheus file_sd target. Every series carries `psrt_job` (job.name), `role` and
+`id` labels.
 
 The hot path pays one method call per RPC: with metrics off the servicer holds a
 `NullServerMetrics` whose methods do nothing. Rows and memory per table are read
@@ -44,7 +45,7 @@ RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
                5.0, 10.0, 30.0, 60.0)
 SAVE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                 600.0)
-ROLE = ("role", "id")
+ROLE = ("psrt_job", "role", "id")  # on every series
 
 
 def port_for(config: JobConfig, role: str, index: int) -> int:
@@ -62,7 +63,7 @@ class Exporter:
         self.config, self.role, self.index = config, role, index
         self.name = f"{role}[{index}]"
         self.registry = CollectorRegistry()
-        self.labels = {"role": role, "id": str(index)}
+        self.labels = {"psrt_job": config.name, "role": role, "id": str(index)}
         ProcessCollector(registry=self.registry)
         self._generation = self.gauge("psrt_generation", "the job's generation this process "
                                       "is in (grows at every recovery)")
@@ -123,15 +124,15 @@ class Exporter:
 
 
 def write_target(directory: Path, config: JobConfig, role: str, index: int, port: int) -> Path:
-    """DIR/ROLE_ID.json: a Prometheus file_sd target list with this process in it."""
+    """DIR/ROLE_ID.json: a Prometheus file_sd target list with this process in it (no
+    labels: the series carry psrt_job, role and id themselves)."""
     host = config.metrics.host
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{role}_{index}.json"
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"],
-                                "labels": {"psrt_job": config.name}}]) + "\n")
+    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {}}]) + "\n")
     tmp.replace(path)
     return path
 
@@ -339,7 +340,7 @@ class _ShardCollector:
                                   "or dense variable", None, keys)
         dense = GaugeMetricFamily("psrt_dense_memory_bytes", "memory of the dense variables "
                                   "placed on this pserver, with optimizer state", None, list(ROLE))
-        base = [self.labels["role"], self.labels["id"]]
+        base = [self.labels[k] for k in ROLE]
         for name, t in list(self.shard.tables.items()):
             rows.add_metric([*base, name], len(t))
             live.add_metric([*base, name], t.payload_bytes)

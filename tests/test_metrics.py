@@ -224,3 +224,42 @@ def test_a_running_job_scraped_twice_shows_counters_rising(data: Path, tmp_path:
     # the launcher plotted the curves it had the trainers write, even when interrupted
     assert "training curves plotted to" in out
     assert (tmp_path / "curves" / "curves.png").stat().st_size > 0
+
+
+class NoCheckpointYet:
+    """What ServerMetrics reads of a coordinator that restored nothing."""
+
+    restore_manifest = None
+    restore_serial = -1
+
+
+def exported_names() -> dict[str, str]:
+    """Every psrt_ family a pserver (hosting the coordinator) and a trainer export, by type."""
+    from pserver.shard import Shard
+    from trainer.metrics_export import TrainerExport
+
+    config = job(1)
+    server = pmetrics.ServerMetrics(config, 0, Shard(config, 0))
+    server.watch_coordinator(NoCheckpointYet())
+    names = {}
+    for registry in (server.registry, TrainerExport(config, 0).registry):
+        for fam in registry.collect():
+            if fam.name.startswith("psrt_"):
+                names[fam.name + ("_total" if fam.type == "counter" else "")] = fam.type
+    return names
+
+
+def test_dashboard_and_readme_name_exactly_the_exported_metrics() -> None:
+    import re
+
+    names = exported_names()
+    root = Path(__file__).resolve().parents[1]
+    dashboard = (root / "deploy" / "grafana-dashboard.json").read_text()
+    json.loads(dashboard)
+    used = {re.sub(r"_(bucket|count|sum)$", "", n)
+            for n in re.findall(r"psrt_[a-z_]+", dashboard) if n != "psrt_job"}
+    assert used <= set(names), used - set(names)
+    assert used == set(names), f"not on the dashboard: {set(names) - used}"
+    readme = (root / "README.md").read_text()
+    listed = dict(re.findall(r"^\| `(psrt_[a-z_]+)` \| (\w+) \|", readme, re.M))
+    assert listed == names

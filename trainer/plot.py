@@ -123,7 +123,9 @@ def plot(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8)
-    ax_loss.set_title(f"training curves: {run_dir.resolve()}")
+    where = curves_dir(run_dir).resolve()
+    name = where.parent.name if where.name == "curves" else where.name
+    ax_loss.set_title(f"training curves of {name}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
