@@ -6,13 +6,16 @@ Two pserver processes of the same job (P=1, async, dim 64): one with metrics off
 (metrics.port = -1, the default), one with metrics on (metrics.port = 0), scraped
 once a second while it is measured (Prometheus scrapes every 15 s by default: this
 is harsher). Uniform ids over 10M, 256 and 4,096 ids per call, rows created by a
-warm-up. The two are measured in alternation, `--rounds` times, so the machine's
-load hits both alike; the figures are medians over rounds. On a shared machine
+warm-up. Each figure is measured off and on back to back (0.5 s each, the order
+alternating), `--rounds` times, so the machine's load hits both alike; rows/s
+are medians over rounds, the overhead is 1 - the median of the on/off ratios,
+with the interquartile range of that overhead. On a shared machine
 the difference drowns in noise, so the hooks are also timed in process: the
 microseconds metrics add to one Pull or Push (the timing wrapper and the counter
 updates), against the time a call takes. The last line is JSON: rows/s off and
 on, the measured overhead (1 - on/off) in percent, the hooks' microseconds per
-call and the overhead they make per call size.
+call and the overhead they make per call size, and the microseconds a trainer's
+metrics and curves line add to a step.
 """
 
 from __future__ import annotations
@@ -67,11 +70,11 @@ def scraper(port: int, stop_event: threading.Event) -> int:
     return n
 
 
-def measure(client: PSClient, ids: np.ndarray, grads: np.ndarray, min_time: float) -> tuple:
-    n = len(ids)
-    pull = rate(lambda i: client.pull("emb", ids), n, min_time)
-    push = rate(lambda i: client.push("emb", ids, grads), n, min_time)
-    return pull, push
+def measure(client: PSClient, verb: str, ids: np.ndarray, grads: np.ndarray,
+            min_time: float) -> float:
+    if verb == "pull":
+        return rate(lambda i: client.pull("emb", ids), len(ids), min_time)
+    return rate(lambda i: client.push("emb", ids, grads), len(ids), min_time)
 
 
 def hook_cost_us(config: cfg.JobConfig, n: int = 4096) -> dict[str, float]:
@@ -98,12 +101,29 @@ def hook_cost_us(config: cfg.JobConfig, n: int = 4096) -> dict[str, float]:
     return out
 
 
+def trainer_step_us() -> dict[str, float]:
+    """Microseconds a trainer's metrics (and, with curves_dir, its curves line) add to a step."""
+    import tempfile
+
+    from trainer.metrics_export import TrainerExport
+
+    out = {}
+    for key, curves in (("trainer_step_hook_us", ""),
+                        ("trainer_step_hook_with_curves_us", tempfile.mkdtemp())):
+        export = TrainerExport(cfg.build({"metrics": {"curves_dir": curves}}), 0)
+        t = min(timeit.repeat(lambda e=export: e.step(0, 5, 0.5, 512), number=20_000,
+                              repeat=5))
+        out[key] = round(t / 20_000 * 1e6, 2)
+        export.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="shorter timings (smoke test)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
-    min_time = 0.3 if args.quick else 1.5
+    min_time = 0.2 if args.quick else 0.5
     rounds = 2 if args.quick else args.rounds
     config = cfg.build({"job": {"mode": "async", "pservers": ["127.0.0.1:0"]},
                         "tables": {"emb": {"dim": DIM, "optimizer": "adagrad"}}})
@@ -123,13 +143,16 @@ def main() -> None:
             for b in batches.values():
                 client.pull("emb", b)  # warm-up: create the rows
         for r in range(rounds):
-            for variant, (client, _, _) in runs.items():
-                for n, b in batches.items():
-                    pull, push = measure(client, b, grads[n], min_time)
-                    got.setdefault(f"pull_{n}_{variant}", []).append(pull)
-                    got.setdefault(f"push_{n}_{variant}", []).append(push)
-                    print(f"round {r} metrics {variant:3s} {n:5d} ids: pull {pull:>11,.0f} "
-                          f"rows/s  push {push:>11,.0f} rows/s", flush=True)
+            order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+            for n, b in batches.items():
+                for verb in ("pull", "push"):
+                    pair = {}
+                    for variant in order:  # off and on back to back: the same load
+                        pair[variant] = measure(runs[variant][0], verb, b, grads[n], min_time)
+                        got.setdefault(f"{verb}_{n}_{variant}", []).append(pair[variant])
+                    got.setdefault(f"{verb}_{n}_ratio", []).append(pair["on"] / pair["off"])
+                    print(f"round {r} {verb} {n:5d} ids: off {pair['off']:>11,.0f} rows/s  "
+                          f"on {pair['on']:>11,.0f} rows/s", flush=True)
     finally:
         stop_scraping.set()
         th.join()
@@ -143,9 +166,14 @@ def main() -> None:
             on = statistics.median(got[f"{verb}_{n}_on"])
             out[f"{verb}_rows_per_s_{n}_off"] = round(off)
             out[f"{verb}_rows_per_s_{n}_on"] = round(on)
-            out[f"{verb}_overhead_pct_{n}"] = round(100 * (1 - on / off), 2)
+            ratios = sorted(got[f"{verb}_{n}_ratio"])
+            q = len(ratios) // 4
+            out[f"{verb}_overhead_pct_{n}"] = round(100 * (1 - statistics.median(ratios)), 2)
+            out[f"{verb}_overhead_pct_{n}_iqr"] = [round(100 * (1 - ratios[-1 - q]), 1),
+                                                   round(100 * (1 - ratios[q]), 1)]
     hooks = hook_cost_us(config)
     out.update(hooks)
+    out.update(trainer_step_us())
     for verb in ("pull", "push"):
         for n in SIZES:
             call_us = n / out[f"{verb}_rows_per_s_{n}_off"] * 1e6

@@ -296,7 +296,7 @@ class NullServerMetrics:
 
     pulled = pushed = dense_pulled = dense_pushed = pulled_batch = pushed_batch = _nothing
     shard_written = stalled = save_failed = watch_coordinator = checkpoint_outcome = _nothing
-    set_generation = recovered = stop = _nothing
+    set_generation = recovered = start = stop = _nothing
 
 
 NULL = NullServerMetrics()
@@ -314,12 +314,8 @@ def of(obj: Any) -> ServerMetrics | NullServerMetrics:
 
 def for_pserver(config: JobConfig, pserver_id: int, shard: Any) -> ServerMetrics | \
         NullServerMetrics:
-    """Started metrics of a pserver, or NULL when `metrics.port` is -1."""
-    if config.metrics.port < 0:
-        return NULL
-    m = ServerMetrics(config, pserver_id, shard)
-    m.start()
-    return m
+    """The metrics of a pserver (`start()` serves them), or NULL when `metrics.port` is -1."""
+    return NULL if config.metrics.port < 0 else ServerMetrics(config, pserver_id, shard)
 
 
 class _ShardCollector:

@@ -101,6 +101,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     server.start()
     ps = Pserver(server, bound, shard, health_servicer, f"{host}:{bound}", coordinator, metrics)
     try:
+        metrics.start()
         _restore(ps)
     except BaseException:
         ps.stop(0)

@@ -263,3 +263,30 @@ def test_dashboard_and_readme_name_exactly_the_exported_metrics() -> None:
     readme = (root / "README.md").read_text()
     listed = dict(re.findall(r"^\| `(psrt_[a-z_]+)` \| (\w+) \|", readme, re.M))
     assert listed == names
+
+
+@pytest.mark.parametrize("role", ["pserver", "trainer"])
+def test_a_metrics_port_in_use_exits_2_naming_the_key(role: str, data: Path,
+                                                      tmp_path: Path) -> None:
+    import socket
+
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
+                   {"kind": "lr", "use_numeric": True})
+    doc.pop("checkpoint")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        first = port if role == "pserver" else port - 1  # trainer 0 serves on port + P
+        doc["metrics"] = {"port": first}
+        path = tmp_path / "job.toml"
+        path.write_text(dump_toml(doc))
+        args = ["--id", "0", "--config", str(path)]
+        if role == "pserver":
+            args += ["--port", "0"]
+        else:  # nothing listens there: the trainer fails on its metrics port first
+            args += ["--set", "rpc.connect_timeout_s=1"]
+        r = subprocess.run([sys.executable, "-m", role, *args], env=python_env(), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"metrics.port: {role}[0] cannot serve metrics on 127.0.0.1:{port}" in r.stderr

@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     except LockedError as e:
         print(f"{role}: {e}", file=sys.stderr)
         return 2
+    except pscfg.ConfigError as e:  # e.g. metrics.port in use
+        print(f"{role}: config error: {e}", file=sys.stderr)
+        return 2
     except PsrtError as e:
         logging.getLogger("trainer").error("%s failed: %s", role, e)
         return 1

@@ -197,6 +197,7 @@ class Trainer:
         """Train `num_epochs` (default: trainer.epochs); returns the last epoch's metrics."""
         epochs = self.settings.epochs if num_epochs is None else num_epochs
         handler = event_handler or (lambda event: None)
+        self.export.start()
         self.connect()
         metrics: dict[str, float] = {}
         r = self.reader
@@ -205,7 +206,6 @@ class Trainer:
         log.info("%s training %d epochs of %d steps (batch %d, %s mode, %d trainers)", self.role,
                  epochs, r.steps_per_epoch, self.settings.batch_size, self.job.mode,
                  self.job.num_trainers)
-        self.export.start()
         for epoch in range(r.epoch, epochs):
             if epoch != r.epoch or r.position == 0:
                 r.start_epoch(epoch)

@@ -3,9 +3,11 @@
 Reads the curves files the trainers appended (RUN_DIR/curves/trainer_J.jsonl,
 or RUN_DIR/trainer_J.jsonl; see trainer.metrics_export) and draws, over the
 global step: the loss (each trainer's, smoothed), the held-out AUC at each
-evaluation, and examples/s per trainer (over the last 10 steps). Checkpoint commits are dotted grey
-lines, restores and recoveries dashed red ones. Needs matplotlib (the `plot`
-extra); the default output is CURVES_DIR/curves.png.
+evaluation, and examples/s per trainer (over the last 10 steps). Steps that a
+restore or recovery rolled back (trained, then lost) are drawn faint.
+Checkpoint commits are dotted grey lines, restores and recoveries dashed red
+ones. Needs matplotlib (the `plot` extra); the default output is
+CURVES_DIR/curves.png.
 """
 
 from __future__ import annotations
@@ -75,25 +77,59 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _throughput(records: list[dict[str, Any]], window: int = 10) -> tuple[list, list]:
-    """(steps, examples/s) over the last `window` steps, from the records' wall clock;
-    a window never spans a (re)start, restore or recovery."""
-    xs: list[int] = []
-    ys: list[float] = []
-    seg: list[dict[str, Any]] = []
+def _segments(records: list[dict[str, Any]]) -> list[tuple[list[dict], int | None]]:
+    """The runs of step records between (re)starts, restores and recoveries, each with the
+    step the next run resumed from (None: the last run); its steps after that were lost."""
+    out: list[tuple[list[dict], int | None]] = []
+    cur: list[dict] = []
+    resumed: int | None = None
     for r in records:
         kind = r.get("kind")
         if kind in ("start", "restore", "recovery"):
-            seg = []
-        elif kind == "step":
-            seg.append(r)
-            i = len(seg) - 1
-            k = max(0, i - window)
-            dt = seg[i]["t"] - seg[k]["t"]
-            if i > 0 and dt > 0:
-                xs.append(r["step"])
-                ys.append(sum(x["examples"] for x in seg[k + 1:i + 1]) / dt)
-    return xs, ys
+            resumed = int(r.get("step", 0))
+        elif kind == "step" and r.get("loss") is not None:
+            if resumed is not None:
+                if cur:
+                    out.append((cur, resumed))
+                cur, resumed = [], None
+            cur.append(r)
+    if cur:
+        out.append((cur, None))
+    return out
+
+
+def _throughput(seg: list[dict[str, Any]], window: int = 10) -> list[float | None]:
+    """Examples/s at each step of a run, over the last `window` steps (wall clock)."""
+    out: list[float | None] = [None]
+    for i in range(1, len(seg)):
+        k = max(0, i - window)
+        dt = seg[i]["t"] - seg[k]["t"]
+        out.append(sum(x["examples"] for x in seg[k + 1:i + 1]) / dt if dt > 0 else None)
+    return out
+
+
+def _draw_run(axes: tuple, seg: list[dict], lost_after: int | None, color: str,
+              label: str | None, first_lost: bool) -> bool:
+    """One run of one trainer: loss (raw, smoothed) and examples/s; the steps a later
+    restore rolled back are drawn faint. Returns whether a lost part was drawn."""
+    ax_loss, ax_rate = axes
+    smooth = _smooth([r["loss"] for r in seg])
+    rates = _throughput(seg)
+    cut = len(seg) if lost_after is None else \
+        next((i for i, r in enumerate(seg) if r["step"] > lost_after), len(seg))
+    xs = [r["step"] for r in seg]
+    for lo, hi, alpha in ((0, cut, 1.0), (max(0, cut - 1), len(seg), 0.3)):
+        if hi - lo < 1 or (alpha < 1 and cut == len(seg)):
+            continue
+        kept = alpha == 1.0
+        ax_loss.plot(xs[lo:hi], [r["loss"] for r in seg[lo:hi]], alpha=0.2 * alpha, lw=0.6,
+                     color=color)
+        ax_loss.plot(xs[lo:hi], smooth[lo:hi], lw=1.4, alpha=alpha, color=color,
+                     label=label if kept else ("rolled back" if first_lost else None))
+        pts = [(x, y) for x, y in zip(xs[lo:hi], rates[lo:hi], strict=True) if y is not None]
+        ax_rate.plot([x for x, _ in pts], [y for _, y in pts], lw=1.0, alpha=alpha,
+                     color=color, label=label if kept else None)
+    return cut < len(seg)
 
 
 def plot(run_dir: Path, out: Path | None = None) -> Path:
@@ -102,14 +138,12 @@ def plot(run_dir: Path, out: Path | None = None) -> Path:
     plt = _pyplot()
     out = out or curves_dir(run_dir) / "curves.png"
     fig, (ax_loss, ax_auc, ax_rate) = plt.subplots(3, 1, sharex=True, figsize=(9, 8))
+    first_lost = True
     for j, records in sorted(data.items()):
-        steps = [r for r in records if r.get("kind") == "step" and r.get("loss") is not None]
-        xs = [r["step"] for r in steps]
-        ax_loss.plot(xs, [r["loss"] for r in steps], alpha=0.2, lw=0.6, color=f"C{j}")
-        ax_loss.plot(xs, _smooth([r["loss"] for r in steps]), lw=1.4, color=f"C{j}",
-                     label=f"trainer {j}")
-        rx, ry = _throughput(records)
-        ax_rate.plot(rx, ry, lw=1.0, color=f"C{j}", label=f"trainer {j}")
+        for n, (seg, lost_after) in enumerate(_segments(records)):
+            if _draw_run((ax_loss, ax_rate), seg, lost_after, f"C{j}",
+                         f"trainer {j}" if n == 0 else None, first_lost):
+                first_lost = False
         evals = [r for r in records if r.get("kind") == "eval"]
         if evals:
             ax_auc.plot([r["step"] for r in evals], [r["auc"] for r in evals], "o-",
