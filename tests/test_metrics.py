@@ -290,3 +290,40 @@ def test_a_metrics_port_in_use_exits_2_naming_the_key(role: str, data: Path,
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"metrics.port: {role}[0] cannot serve metrics on 127.0.0.1:{port}" in r.stderr
+
+
+def test_checkpoint_metrics_count_saves_commits_and_a_failure(
+        data: Path, tmp_path: Path, cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.loop import Trainer
+
+    monkeypatch.setenv("PSRT_FAULT_SAVE_ENOSPC", "1")  # checkpoint_1 fails: a full disk
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
+                   {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=256, progress="off")
+    doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ck"), step_interval=2,
+                             max_num_checkpoints=100)
+    doc["metrics"] = {"port": 0, "curves_dir": str(tmp_path / "curves")}
+    cluster = cluster_factory(cfg.build(doc))
+    trainer = Trainer(cluster.config, 0)
+    try:
+        trainer.train()
+        s = scrape(cluster.servers[0].metrics.port)
+        t = scrape(trainer.export.port)
+    finally:
+        trainer.close()
+    # 7 steps of 256 of 1,800 examples: saves after steps 0, 2 (fails), 4, 6 (final)
+    assert value(s, "psrt_checkpoint_save_failures_total") == 1
+    assert value(s, "psrt_checkpoints_failed_total") == 1
+    assert value(s, "psrt_checkpoints_committed_total") == 3
+    assert value(s, "psrt_checkpoint_last_committed_serial") == 3
+    assert value(s, "psrt_checkpoint_save_duration_seconds_count") == 3
+    assert value(s, "psrt_checkpoint_stall_seconds_count") == 3  # blocking saves
+    assert value(s, "psrt_checkpoint_written_bytes_total") > \
+        value(s, "psrt_checkpoint_last_save_bytes") > 0
+    assert value(t, "psrt_trainer_checkpoint_stall_seconds_count") == 3
+    assert value(t, "psrt_trainer_last_checkpoint_serial") == 3
+    assert value(t, "psrt_trainer_step") == 7 and value(t, "psrt_trainer_eval_auc") > 0
+    assert value(t, "psrt_trainer_examples_total") == 7 * 256
+    saved = [json.loads(line) for line in (tmp_path / "curves/trainer_0.jsonl").open()
+             if '"checkpoint"' in line]
+    assert [(r["serial"], r["step"]) for r in saved] == [(0, 1), (2, 5), (3, 7)]
