@@ -205,4 +205,4 @@ def after_launch(curves: str) -> str:
     try:
         return f"training curves plotted to {plot(Path(curves))}"
     except PlotError as e:
-        return f"training curves are in {curves}; no plot: {e}"
+        return f"training curves are in {curves}; no plot: {str(e).removeprefix('plot: ')}"
