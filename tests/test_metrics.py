@@ -327,3 +327,29 @@ def test_checkpoint_metrics_count_saves_commits_and_a_failure(
     saved = [json.loads(line) for line in (tmp_path / "curves/trainer_0.jsonl").open()
              if '"checkpoint"' in line]
     assert [(r["serial"], r["step"]) for r in saved] == [(0, 1), (2, 5), (3, 7)]
+
+
+def test_a_trainer_opens_no_port_and_writes_no_curves_by_default(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.loop import EndStepEvent, Trainer
+
+    monkeypatch.chdir(tmp_path)  # where relative curves or targets would go
+
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
+                   {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=256, progress="off")
+    doc.pop("checkpoint")
+    before = listening_ports()
+    during: list[set[int]] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, EndStepEvent) and not during:
+            during.append(listening_ports())
+
+    trainer = Trainer(cfg.build(doc), standalone=True)
+    try:
+        trainer.train(event_handler=on_event)
+    finally:
+        trainer.close()
+    assert during == [before] and trainer.export.port is None
+    assert trainer.export.global_step == 7 and not list(tmp_path.rglob("*.json*"))
