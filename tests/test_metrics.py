@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pserver import config as cfg
 from pserver import metrics as pmetrics
+from pserver.exporter import port_for
 from pserver.servicer import SERVICE
 from tests.conftest import Cluster, generated_data, job, python_env
 from trainer.demo import demo_job, dump_toml
@@ -89,10 +90,10 @@ def test_pserver_cli_exits_2_on_a_bad_metrics_key(tmp_path: Path) -> None:
 def test_ports_per_role_and_id() -> None:
     c = cfg.build({"job": {"pservers": ["h:1", "h:2", "h:3"], "num_trainers": 2},
                    "metrics": {"port": 9100}})
-    assert [pmetrics.port_for(c, "pserver", i) for i in range(3)] == [9100, 9101, 9102]
-    assert [pmetrics.port_for(c, "trainer", j) for j in range(2)] == [9103, 9104]
+    assert [port_for(c, "pserver", i) for i in range(3)] == [9100, 9101, 9102]
+    assert [port_for(c, "trainer", j) for j in range(2)] == [9103, 9104]
     free = cfg.build({"metrics": {"port": 0}})
-    assert pmetrics.port_for(free, "trainer", 1) == 0
+    assert port_for(free, "trainer", 1) == 0
 
 
 def test_metrics_are_off_by_default_and_open_no_port(cluster_factory: Any) -> None:

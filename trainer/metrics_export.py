@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pserver.config import JobConfig
-from pserver.metrics import SAVE_BUCKETS, Exporter
+from pserver.exporter import SAVE_BUCKETS, Exporter
 
 log = logging.getLogger(__name__)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
