@@ -160,7 +160,21 @@ RECOVERY_KEYS = [
     Key("max_restarts", int, 3, "local launcher: how many times it restarts a process that "
         "died (0: stop the job instead); needs a [checkpoint] section", _non_negative),
 ]
-SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "recovery": RECOVERY_KEYS}
+METRICS_KEYS = [
+    Key("port", int, -1, "Prometheus metrics over HTTP: -1 off; 0 each process picks a free port "
+        "(logged, and written to metrics.targets_dir); N > 0: pserver i serves on N + i, "
+        "trainer j on N + P + j", lambda v: None if v >= -1 else f"must be >= -1, got {v!r}"),
+    Key("host", str, "127.0.0.1", "address the metrics port listens on (0.0.0.0 in a "
+        "container)", lambda v: None if v.strip() else "must not be empty"),
+    Key("targets_dir", str, "", "if set, each process writes ROLE_ID.json there (a Prometheus "
+        "file_sd target list: its HOST:PORT) once its metrics port serves, and removes it when "
+        "it stops; relative to the working directory"),
+    Key("curves_dir", str, "", "if set, trainer j appends its per-step figures to "
+        "trainer_J.jsonl there, relative to the working directory (`python -m trainer "
+        "launch` sets WORKDIR/curves)"),
+]
+SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "recovery": RECOVERY_KEYS,
+                               "metrics": METRICS_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}
 OTHER_SECTIONS = ("trainer", "data", "model")
 
@@ -225,6 +239,14 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int = -1
+    host: str = "127.0.0.1"
+    targets_dir: str = ""
+    curves_dir: str = ""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = "psrt-job"
     mode: str = "sync"
@@ -234,6 +256,7 @@ class JobConfig:
     virtual_shards: int = 1024
     rpc: RpcConfig = field(default_factory=RpcConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tables: tuple[TableSpec, ...] = ()
     dense: tuple[DenseSpec, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -307,6 +330,10 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     job = parse_section("job", JOB_KEYS, raw.get("job", {}))
     rpc = RpcConfig(**parse_section("rpc", RPC_KEYS, raw.get("rpc", {})))
     recovery = RecoveryConfig(**parse_section("recovery", RECOVERY_KEYS, raw.get("recovery", {})))
+    metrics = MetricsConfig(**parse_section("metrics", METRICS_KEYS, raw.get("metrics", {})))
+    last = metrics.port + len(job["pservers"]) + job["num_trainers"] - 1
+    if metrics.port > 0 and last > 65535:
+        raise ConfigError("metrics.port", f"{metrics.port} + P + T - 1 = {last} is over 65535")
     tables, dense = [], []
     for kind, schema in NAMED_SCHEMAS.items():
         named = raw.get(kind, {})
@@ -327,6 +354,7 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
         raise ConfigError(f"dense.{sorted(clash)[0]}", "a table has the same name")
     sections = {k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw}
     return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc, recovery=recovery,
+                     metrics=metrics,
                      tables=tuple(tables), dense=tuple(dense), sections=sections, source=source,
                      checkpoint=_checkpoint(raw.get("checkpoint")))
 

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Part, merge
 from ckpt.storage import LocalStorage
+from pserver import metrics as pmetrics
 from pserver.config import JobConfig
 from pserver.errors import (
     DeadlineExceeded,
@@ -288,6 +289,7 @@ class Coordinator:
             parts, failures, final = list(self._parts.values()), list(self._failures), \
                 self._final
         outcome = self._finish(serial, parts, failures, final)
+        pmetrics.of(self).checkpoint_outcome(serial, outcome)
         with self._cond:
             if serial != self._serial:  # abandoned by a rollback meanwhile
                 return

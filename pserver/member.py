@@ -96,7 +96,10 @@ class PserverMember:
         self.ps.shard = self.ps.servicer.shard = shard
         if old is not shard:
             old.fence(f"{self.role} rolled back to generation {generation}")
+            self.ps.metrics.use_shard(shard)
+            self.ps.metrics.recovered()
         self.ps.servicer.generation = generation
+        self.ps.metrics.set_generation(generation)
         try:
             self.coord.ready(self.id, serial, generation)
         except FailedPrecondition:

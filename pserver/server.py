@@ -17,6 +17,7 @@ from ckpt.lock import LockedError
 from ckpt.manifest import Part
 from ckpt.storage import LocalStorage
 from pserver import malloc, persist
+from pserver import metrics as pmetrics
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
 from pserver.coordinator import Coordinator
@@ -54,6 +55,7 @@ class Pserver:
     address: str  # where other processes reach it
     coordinator: Coordinator | None = None
     member: PserverMember | None = None
+    metrics: pmetrics.ServerMetrics | pmetrics.NullServerMetrics = pmetrics.NULL
     stopped: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # why the job failed, when it did
 
@@ -70,6 +72,7 @@ class Pserver:
             self.coordinator.close()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.stop()
 
 
 def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
@@ -91,12 +94,14 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         options=channel_options(config),
         interceptors=server_interceptors(config.rpc, role),
     )
-    servicer = Servicer(shard, role)
+    metrics = pmetrics.for_pserver(config, pserver_id, shard)
+    servicer = Servicer(shard, role, metrics)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
     services = [SERVICE]
     coordinator = None
     if config.checkpoint is not None and pserver_id == 0:
         coordinator = _coordinator(config, servicer)
+        metrics.watch_coordinator(coordinator)
         wait = config.rpc.checkpoint_timeout_s
         server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, wait)
                                          .generic_handler(),))
@@ -116,8 +121,10 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         raise ConfigError(f"job.pservers[{pserver_id}]",
                           f"cannot listen on {listen} (port in use or host not local)")
     server.start()
-    ps = Pserver(server, bound, shard, servicer, health_servicer, f"{host}:{bound}", coordinator)
+    ps = Pserver(server, bound, shard, servicer, health_servicer, f"{host}:{bound}", coordinator,
+                 metrics=metrics)
     try:
+        metrics.start()
         _restore(ps)
     except BaseException:
         ps.stop(0)

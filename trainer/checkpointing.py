@@ -95,6 +95,7 @@ class Checkpointer:
             try:
                 serial = self.coord.join_trainer(t.trainer_id, self.timeout, self.incarnation)
                 t.client.set_generation(self.coord.generation)
+                t.export.set_generation(self.coord.generation)
                 return serial
             except (Unavailable, DeadlineExceeded) as e:
                 if time.monotonic() > deadline:
@@ -118,6 +119,7 @@ class Checkpointer:
         t.reader.restore(state["reader"])
         t.global_step = int(state["global_step"])
         self.last_saved_step = t.global_step
+        t.export.restored(serial, t.global_step)
         log.info("%s restored checkpoint_%d: epoch %d, step %d (global step %d)", t.role,
                  serial, epoch_id, step_id, t.global_step)
         return serial
@@ -159,6 +161,7 @@ class Checkpointer:
             log.warning("%s: %s; training goes on", t.role, e)
             return None
         self.last_saved_step = t.global_step
+        t.export.checkpointed(serial, t.global_step, time.perf_counter() - started)
         what = "committed" if final or not self.config.background else \
             "copied; committing in the background"
         log.info("%s checkpoint_%d %s at epoch %d step %d (%.2fs)", t.role, serial, what,

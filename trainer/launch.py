@@ -13,6 +13,11 @@ Ctrl-C, everything is stopped (SIGTERM, then SIGKILL) and the launcher exits
 non-zero naming the role. Each child dies with the launcher
 (PR_SET_PDEATHSIG), so none is orphaned. `WORKDIR/pids.json` names every
 child's pid.
+
+Trainers append their training curves to WORKDIR/curves (unless the job file
+sets metrics.curves_dir); when the job ends the launcher plots them to
+CURVES_DIR/curves.png if matplotlib is installed. With metrics on, each process
+writes its metrics target to WORKDIR/targets (unless metrics.targets_dir is set).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pserver import config as pscfg
+from trainer.metrics_export import launch_overrides
+from trainer.plot import after_launch
 
 _PR_SET_PDEATHSIG = 1
 
@@ -113,6 +120,7 @@ def _wait_ready(children: list[Child], files: list[Path], timeout: float) -> lis
 
 def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
     """Run the job; returns the exit code (0 when every trainer finished)."""
+    overrides = [*overrides, *launch_overrides(pscfg.load(config_path, overrides), workdir)]
     job = pscfg.load(config_path, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -147,6 +155,7 @@ def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
         return _supervise(children, trainers, interrupted, restarts, ports, workdir)
     finally:
         _stop(children, job.rpc.grace_s)
+        print(f"launch: {after_launch(job.metrics.curves_dir)}", file=sys.stderr)
 
 
 def _supervise(children: list[Child], trainers: list[Child], interrupted: threading.Event,

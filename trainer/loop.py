@@ -30,6 +30,7 @@ from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerSettings, model_for, settings
 from trainer.local import LocalClient
 from trainer.metrics import auc, logloss
+from trainer.metrics_export import TrainerExport
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Trainer:
         self.rollbacks = 0
         self.lost_steps = 0  # steps redone because the job rolled back
         self._pending_push: Callable[[], int] | None = None  # the last step's push answers
+        self.export = TrainerExport(self.job, trainer_id)  # metrics and training curves
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
         s = self.settings
@@ -137,6 +139,7 @@ class Trainer:
         self.global_step = 0
 
     def close(self) -> None:
+        self.export.close()
         if self.checkpointer is not None:
             self.checkpointer.close(finished=self.finished)
             self.checkpointer = None
@@ -206,6 +209,7 @@ class Trainer:
         """Train `num_epochs` (default: trainer.epochs); returns the last epoch's metrics."""
         epochs = self.settings.epochs if num_epochs is None else num_epochs
         handler = event_handler or (lambda event: None)
+        self.export.start()
         self.connect()
         while True:
             try:
@@ -226,6 +230,7 @@ class Trainer:
         before = self.global_step
         serial = self.checkpointer.restore()
         self.client.wait_ready()
+        self.export.recovered(serial, self.global_step)
         self.rollbacks += 1
         self.lost_steps += max(0, before - self.global_step)
         log.warning("%s rolled back from global step %d to %d (checkpoint_%d, generation %d); "
@@ -252,6 +257,7 @@ class Trainer:
                 loss = self.step(batch)
                 progress.update(loss)
                 handler(EndStepEvent(epoch, step_id, self.global_step, loss))
+                self.export.step(epoch, self.global_step, loss, len(batch))
                 if self.checkpointer is not None:
                     last = epoch == epochs - 1 and r.position == r.steps_per_epoch
                     self.checkpointer.after_step(epoch, step_id, last)
@@ -265,6 +271,7 @@ class Trainer:
                     log.info("%s epoch %d: held-out logloss %.5f, AUC %.5f (%d examples)",
                              self.role, epoch, metrics["logloss"], metrics["auc"],
                              metrics["examples"])
+                self.export.evaluated(epoch, self.global_step, metrics)
             handler(EndEpochEvent(epoch, metrics))
         return metrics
 
