@@ -29,6 +29,7 @@ import numpy as np
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import LocalStorage
+from pserver import metrics as pmetrics
 from pserver import optimizers
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
@@ -93,11 +94,16 @@ def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
     staged.finish()
     v = shard.config.virtual_shards
     vshards = {n: virtual_shard(arrays["ids"], v) for n, arrays in staged.tables.items()}
-    part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
-                              shard.config.virtual_shards, staged.dense_state,
-                              facts, midway=_fault(serial))
+    try:
+        part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
+                                  shard.config.virtual_shards, staged.dense_state, facts,
+                                  midway=_fault(serial))
+    except BaseException:
+        pmetrics.of(shard).save_failed()
+        raise
     seconds = time.perf_counter() - started
     size = sum(f.size for f in part.files)
+    pmetrics.of(shard).shard_written(seconds, size)
     what = "" if base is None else f" (delta of checkpoint_{base})"
     log.info("pserver[%d] wrote its part of checkpoint_%d%s: %.1f MB in %.2fs (%.2f GB/s)",
              shard.pserver_id, serial, what, size / 1e6, seconds,
@@ -132,14 +138,18 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int,
     """
     started = time.perf_counter()
     if base is not None:  # a delta: the changed rows are copied, then written unlocked
-        return _write(shard, _begin(shard, serial, base, copy=True), storage, serial,
+        part = _write(shard, _begin(shard, serial, base, copy=True), storage, serial,
                       started, base)
+        pmetrics.of(shard).stalled(time.perf_counter() - started)
+        return part
     locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
-        return _write(shard, _stage(shard, False, serial, None), storage, serial, started,
+        part = _write(shard, _stage(shard, False, serial, None), storage, serial, started,
                       None)
+        pmetrics.of(shard).stalled(time.perf_counter() - started)
+        return part
     finally:
         for lock in locks:
             lock.release()
@@ -155,6 +165,7 @@ def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
     started = time.perf_counter()
     staged = _begin(shard, serial, base, copy=True, lazy=True)
     stall = time.perf_counter() - started
+    pmetrics.of(shard).stalled(stall)
 
     def write() -> None:
         try:
