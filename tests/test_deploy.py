@@ -1,0 +1,125 @@
+"""deploy/ for real: the image built by deploy/build-image.sh, deploy/docker-compose.yml up.
+
+Each test brings up its own compose project (unique name, `down -v` afterwards) with a
+small job: the job runs to the end and leaves a committed, verified checkpoint; a pserver
+that crashes is restarted by compose and the job finishes from a checkpoint; a trainer cut
+off the network fails within its deadline naming the peer. Where no Docker engine runs,
+these tests skip saying so; PSRT_REQUIRE_DOCKER=1 (set by .ci/run) turns that into a failure.
+The image's base is PSRT_TEST_BASE (default psrt-base:local, made by
+deploy/build-base-image.sh from the OS's package mirror, since no registry may be reachable).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.dockerstack import Stack, build_image, docker_missing
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+IMAGE = "psrt:test"
+DEADLINE_S = 4.0
+# The test job: 12,000 examples (10,800 to train), 1 epoch of 84 steps of 64 per trainer,
+# a checkpoint every 10 steps, short deadlines so that a dead peer shows within seconds.
+JOB_ENV = {
+    "PSRT_TRAINER__EPOCHS": "1",
+    "PSRT_TRAINER__BATCH_SIZE": "64",
+    "PSRT_TRAINER__LOG_EVERY": "20",
+    "PSRT_CHECKPOINT__STEP_INTERVAL": "10",
+    "PSRT_RPC__DEADLINE_S": str(DEADLINE_S),
+    "PSRT_RPC__CONNECT_TIMEOUT_S": "30",
+    "PSRT_RPC__CHECKPOINT_TIMEOUT_S": str(DEADLINE_S),
+    "PSRT_RPC__GRACE_S": "1",
+}
+VARIABLES = {"PSRT_DEMO_EXAMPLES": "12000"}
+PEER = r"(pserver\[\d\]|the coordinator) at pserver-\d:7070"
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    why = docker_missing()
+    if why is not None:
+        if os.environ.get("PSRT_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"PSRT_REQUIRE_DOCKER=1 but {why}")
+        pytest.skip(why)
+    build_image(IMAGE, os.environ.get("PSRT_TEST_BASE", "psrt-base:local"))
+    return IMAGE
+
+
+@pytest.fixture
+def stack(image: str, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(tmp_path, image, JOB_ENV, VARIABLES)
+    try:
+        s.up()
+        yield s
+    finally:
+        s.down()
+
+
+def newest_committed(stack: Stack) -> int:
+    r = stack.exec("pserver-0", "sh", "-c", "ls -d /checkpoints/checkpoint_*/_SUCCESS")
+    serials = [int(m) for m in re.findall(r"checkpoint_(\d+)/_SUCCESS", r.stdout)]
+    assert serials, f"no committed checkpoint in the volume: {r.stdout}{r.stderr}"
+    return max(serials)
+
+
+def test_compose_job_runs_to_the_end_and_commits_a_verified_checkpoint(stack: Stack) -> None:
+    for t in ("trainer-0", "trainer-1"):
+        state = stack.wait_done(t, timeout=180)
+        assert state["RestartCount"] == 0, stack.logs(t)
+    assert "held-out logloss" in stack.logs("trainer-0")
+    for p in ("pserver-0", "pserver-1"):
+        assert stack.state(p)["Health"]["Status"] == "healthy"
+    serial = newest_committed(stack)
+    layout = stack.exec("pserver-0", "ls", f"/checkpoints/checkpoint_{serial}",
+                        f"/checkpoints/checkpoint_{serial}/__lockup_table__")
+    for name in ("MANIFEST.json", "_SUCCESS", "__model__", "trainer_0", "trainer_1",
+                 "table_pserver_0", "table_pserver_1"):
+        assert name in layout.stdout.split(), layout.stdout
+    verify = stack.exec("pserver-0", "python", "-m", "ckpt", "verify", "/checkpoints")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert f"checkpoint_{serial}: ok" in verify.stdout
+    # the final checkpoint holds the last step: 10,800 // 2 // 64 = 84 steps, ids 0..83
+    show = stack.exec("pserver-0", "cat", f"/checkpoints/checkpoint_{serial}/trainer_0/step_id")
+    assert show.stdout.strip() == "83"
+
+
+@pytest.mark.xfail(reason="needs in-place recovery: today a restarted pserver restores the "
+                   "checkpoint the coordinator chose at its start, while pserver 0 keeps "
+                   "training state (issue 7 builds on the self-healing recovery issue)",
+                   strict=False)
+def test_crashed_pserver_is_restarted_and_the_job_finishes_from_a_checkpoint(
+        stack: Stack) -> None:
+    stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
+    before = newest_committed(stack)
+    stack.crash("pserver-1")
+    restored = stack.wait_log("pserver-1", r"restored checkpoint_(\d+)", timeout=30)
+    assert int(restored.group(1)) >= before
+    for t in ("trainer-0", "trainer-1"):
+        stack.wait_done(t, timeout=240)
+    assert stack.state("pserver-1")["RestartCount"] >= 1
+    verify = stack.exec("pserver-0", "python", "-m", "ckpt", "verify", "/checkpoints")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_trainer_cut_off_the_network_fails_naming_the_peer_within_its_deadline(
+        stack: Stack) -> None:
+    stack.wait_log("trainer-1", r"checkpoint_0 committed", timeout=120)
+    cid = stack.container("trainer-1")
+    cut = time.monotonic()
+    subprocess.run(["docker", "network", "disconnect", "-f", stack.network, cid], check=True,
+                   capture_output=True, timeout=60)
+    failed = stack.wait_log("trainer-1", rf"trainer\[1\] failed: .*{PEER}.*", timeout=60)
+    took = time.monotonic() - cut
+    # the call in flight runs out at its deadline (rpc.deadline_s, or
+    # rpc.checkpoint_timeout_s in a checkpoint call): not a hang
+    assert took < DEADLINE_S + 10, f"took {took:.1f}s: {failed.group(0)}"
+    assert re.search(r"Deadline Exceeded|UNAVAILABLE|failed to connect|DNS", failed.group(0),
+                     re.IGNORECASE), failed.group(0)
