@@ -11,9 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -104,16 +106,43 @@ class Stack:
                               capture_output=True, text=True, timeout=120)
 
     def wait_log(self, service: str, pattern: str, timeout: float) -> re.Match:
-        """The first match of `pattern` in the service's log, polling until `timeout`."""
+        """The first match of `pattern` in a line of the service's log (what it logged so
+        far, then as it comes: `docker logs --follow`), within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.logs(service))
+        while time.monotonic() < deadline:
+            found = self._follow(service, re.compile(pattern), deadline)
             if found:
                 return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{service}: no log line matching {pattern!r} within "
-                                     f"{timeout:.0f}s; its log:\n{self.logs(service)[-4000:]}")
-            time.sleep(0.2)
+            time.sleep(0.2)  # the container stopped; its log goes on if it is restarted
+        raise AssertionError(f"{service}: no log line matching {pattern!r} within "
+                             f"{timeout:.0f}s; its log:\n{self.logs(service)[-4000:]}")
+
+    def _follow(self, service: str, pattern: re.Pattern, deadline: float) -> re.Match | None:
+        proc = subprocess.Popen(["docker", "logs", "--follow", self.container(service)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    line = lines.get(timeout=left)
+                except queue.Empty:
+                    return None
+                if line is None:
+                    return None
+                found = pattern.search(line)
+                if found:
+                    return found
+            return None
+        finally:
+            proc.kill()
+            proc.wait()
 
     def wait_done(self, service: str, timeout: float) -> dict:
         """Wait until the service's container exited with code 0 (restarts in between are
