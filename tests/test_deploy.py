@@ -119,7 +119,9 @@ def test_after_a_pserver_crash_restarting_the_job_resumes_from_the_newest_checkp
     stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
     before = newest_committed(stack)
     stack.crash("pserver-1")
-    stack.compose("restart", "-t", "2", "pserver-0", "pserver-1", "trainer-0", "trainer-1")
+    job = ("pserver-0", "pserver-1", "trainer-0", "trainer-1")
+    stack.compose("stop", "-t", "2", *job)  # all stopped: nobody rejoins the old coordinator
+    stack.compose("start", *job)
     restoring = stack.wait_log("pserver-0", r"locked for job 'demo'; restoring checkpoint_(\d+)",
                                timeout=60)
     serial = int(restoring.group(1))
