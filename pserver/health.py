@@ -15,11 +15,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pserver import config as cfg
+from pserver.config import RpcConfig
+from pserver.security import open_channel
 
 
-def check(address: str, timeout: float) -> str:
-    """The serving status of the server at `address` ("SERVING", ...), or why it has none."""
-    with grpc.insecure_channel(address) as ch:
+def check(address: str, timeout: float, rpc: RpcConfig | None = None) -> str:
+    """The serving status of the server at `address` ("SERVING", ...), or why it has none;
+    over the job's TLS (`rpc`) if it has any."""
+    with open_channel(address, rpc or RpcConfig()) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
                                                         timeout=timeout)
@@ -46,6 +49,10 @@ def main(argv: list[str]) -> int:
         print(f"pserver health: config error: {e}", file=sys.stderr)
         return 2
     address = args.address or config.pservers[args.id]
-    status = check(address, args.timeout)
+    try:
+        status = check(address, args.timeout, config.rpc)
+    except cfg.ConfigError as e:  # a TLS file that cannot be read
+        print(f"pserver health: config error: {e}", file=sys.stderr)
+        return 2
     print(f"pserver[{args.id}] at {address}: {status}")
     return 0 if status == "SERVING" else 1
