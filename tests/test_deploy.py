@@ -2,9 +2,10 @@
 
 Each test brings up its own compose project (unique name, `down -v` afterwards) with a
 small job: the job runs to the end and leaves a committed, verified checkpoint; a pserver
-that crashes is restarted by compose and the job finishes from a checkpoint; a trainer cut
-off the network fails within its deadline naming the peer. Where no Docker engine runs,
-these tests skip saying so; PSRT_REQUIRE_DOCKER=1 (set by .ci/run) turns that into a failure.
+that crashes is restarted by compose, the job rolls back to the newest complete checkpoint
+and finishes; a trainer cut off the network fails within its deadline naming the peer.
+Where no Docker engine runs, these tests skip saying so; PSRT_REQUIRE_DOCKER=1 (set by
+.ci/run) turns that into a failure.
 The image's base is PSRT_TEST_BASE (default psrt-base:local, made by
 deploy/build-base-image.sh from the OS's package mirror, since no registry may be reachable).
 """
@@ -98,37 +99,17 @@ def test_compose_job_runs_to_the_end_and_commits_a_verified_checkpoint(stack: St
         assert name in layout.stdout.split(), layout.stdout
 
 
-@pytest.mark.xfail(reason="needs in-place recovery: today a restarted pserver restores the "
-                   "checkpoint the coordinator chose at its start, while pserver 0 keeps "
-                   "training state (issue 7 builds on the self-healing recovery issue)",
-                   strict=False)
 def test_crashed_pserver_is_restarted_and_the_job_finishes_from_a_checkpoint(
         stack: Stack) -> None:
     stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
     before = newest_committed(stack)
     stack.crash("pserver-1")
-    restored = stack.wait_log("pserver-1", r"restored checkpoint_(\d+)", timeout=20)
-    assert int(restored.group(1)) >= before
-    assert_finished(stack, timeout=180)
-    assert stack.state("pserver-1")["RestartCount"] >= 1
-
-
-def test_after_a_pserver_crash_restarting_the_job_resumes_from_the_newest_checkpoint(
-        stack: Stack) -> None:
-    """What README tells users to do until a crashed pserver heals in place."""
-    stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
-    before = newest_committed(stack)
-    stack.crash("pserver-1")
-    job = ("pserver-0", "pserver-1", "trainer-0", "trainer-1")
-    stack.compose("stop", "-t", "2", *job)  # all stopped: nobody rejoins the old coordinator
-    stack.compose("start", *job)
-    restoring = stack.wait_log("pserver-0", r"locked for job 'demo'; restoring checkpoint_(\d+)",
-                               timeout=60)
-    serial = int(restoring.group(1))
+    restored = stack.wait_log("pserver-1", r"restored checkpoint_(\d+)", timeout=60)
+    serial = int(restored.group(1))
     assert serial >= before
-    for role in ("pserver-1", "trainer-0", "trainer-1"):
-        stack.wait_log(role, rf"restored checkpoint_{serial}\b", timeout=60)
+    stack.wait_log("pserver-0", rf"pserver\[0\] restored checkpoint_{serial}\b", timeout=60)
     assert assert_finished(stack, timeout=180) > serial
+    assert stack.state("pserver-1")["RestartCount"] >= 1
 
 
 def test_trainer_cut_off_the_network_fails_naming_the_peer_within_its_deadline(
@@ -138,10 +119,13 @@ def test_trainer_cut_off_the_network_fails_naming_the_peer_within_its_deadline(
     cut = time.monotonic()
     subprocess.run(["docker", "network", "disconnect", "-f", stack.network, cid], check=True,
                    capture_output=True, timeout=60)
-    failed = stack.wait_log("trainer-1", rf"trainer\[1\] failed: .*{PEER}.*", timeout=60)
+    # trainer 1 names the peer it lost, and goes on trying to rejoin (with backoff)
+    lost = stack.wait_log("trainer-1", rf"trainer\[1\]: .*{PEER}: .*", timeout=60)
     took = time.monotonic() - cut
-    # the call in flight runs out at its deadline (rpc.deadline_s, or
-    # rpc.checkpoint_timeout_s in a checkpoint call): not a hang
-    assert took < DEADLINE_S + 10, f"took {took:.1f}s: {failed.group(0)}"
-    assert re.search(r"Deadline Exceeded|UNAVAILABLE|failed to connect|DNS", failed.group(0),
-                     re.IGNORECASE), failed.group(0)
+    # the call in flight runs out at its deadline (rpc.deadline_s; rpc.checkpoint_timeout_s,
+    # as short here, in a checkpoint call): not a hang
+    assert took < DEADLINE_S + 10, f"took {took:.1f}s: {lost.group(0)}"
+    assert re.search(r"Deadline Exceeded|UNAVAILABLE|failed to connect|DNS", lost.group(0),
+                     re.IGNORECASE), lost.group(0)
+    # and trainer 0 names trainer 1, the one that stopped pushing
+    stack.wait_log("trainer-0", r"trainers \[[0-9, ]*\b1\]", timeout=DEADLINE_S + 10)
