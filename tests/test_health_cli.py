@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pserver.__main__ import main
+from pserver.health import check
 from tests.conftest import Cluster, job
+from tests.security_fixtures import pki, rpc
+
+__all__ = ["pki"]  # a fixture
 
 
 def test_health_is_0_while_serving_and_1_naming_the_pserver_once_it_is_gone(
@@ -34,3 +39,11 @@ def test_health_config_errors_exit_2_naming_the_key(
     assert main(["health", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pserver health: config error: ") and expected in err
+
+
+def test_health_speaks_the_jobs_tls_and_plaintext_gets_no_answer(
+        pki: Path, cluster_factory: Any) -> None:
+    cluster: Cluster = cluster_factory(job(2, "async", rpc=rpc(pki, "mtls")))
+    addr = cluster.config.pservers[1]
+    assert check(addr, 2.0, cluster.config.rpc) == "SERVING"
+    assert check(addr, 2.0).startswith("UNAVAILABLE: ")
