@@ -55,15 +55,21 @@ class Stack:
     overrides) in every container and `variables` for the compose file itself."""
 
     def __init__(self, workdir: Path, image: str, env: dict[str, str],
-                 variables: dict[str, str]) -> None:
+                 variables: dict[str, str], overrides: tuple[Path, ...] = (),
+                 volumes: dict[str, list[str]] | None = None) -> None:
+        """`overrides`: more compose files after deploy/docker-compose.yml; `volumes`: mounts
+        per service, over theirs (same container path)."""
         self.project = f"psrt-test-{os.getpid()}-{next(_ids)}"
         override = workdir / "compose.override.json"  # JSON is YAML
         services: dict[str, dict] = {s: {"environment": env} for s in SERVICES}
         for s in ("pserver-0", "pserver-1"):
             services[s]["healthcheck"] = {"interval": "1s"}
+        for s, mounts in (volumes or {}).items():
+            services[s]["volumes"] = mounts
         override.write_text(json.dumps({"services": services}))
-        self.cmd = ["docker-compose", "-p", self.project, "-f", str(COMPOSE),
-                    "-f", str(override)]
+        self.cmd = ["docker-compose", "-p", self.project, "-f", str(COMPOSE)]
+        for f in (*overrides, override):
+            self.cmd += ["-f", str(f)]
         self.env = dict(os.environ, PSRT_IMAGE=image, **variables)
         self.network = f"{self.project}_default"
         self._containers: dict[str, str] = {}

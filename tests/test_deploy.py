@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.dockerstack import Stack, build_image, docker_missing
+from tests.dockerstack import ROOT, Stack, build_image, docker_missing
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -129,3 +131,26 @@ def test_trainer_cut_off_the_network_fails_naming_the_peer_within_its_deadline(
                      re.IGNORECASE), lost.group(0)
     # and trainer 0 names trainer 1, the one that stopped pushing
     stack.wait_log("trainer-0", r"trainers \[[0-9, ]*\b1\]", timeout=DEADLINE_S + 10)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="deploy/make-certs.sh needs openssl")
+def test_the_secure_override_runs_the_job_with_mutual_tls_and_healthy_pservers(
+        image: str, tmp_path: Path) -> None:
+    """deploy/docker-compose.secure.yml over the compose file, with deploy/make-certs.sh's
+    files (made here, mounted where the override mounts ./certs)."""
+    certs = tmp_path / "certs"
+    subprocess.run(["sh", str(ROOT / "deploy" / "make-certs.sh"), str(certs)], check=True,
+                   capture_output=True, timeout=60)
+    secure = ROOT / "deploy" / "docker-compose.secure.yml"
+    doc = yaml.safe_load(secure.read_text())
+    volumes = {name: [v.replace("./certs", str(certs), 1) for v in service["volumes"]]
+               for name, service in doc["services"].items()}
+    stack = Stack(tmp_path, image, JOB_ENV, VARIABLES, (secure,), volumes)
+    try:
+        stack.up()
+        assert_finished(stack, timeout=180)
+        for p in ("pserver-0", "pserver-1"):
+            assert stack.state(p)["Health"]["Status"] == "healthy"
+            assert re.search(r"security: mtls, token check on", stack.logs(p))
+    finally:
+        stack.down()
