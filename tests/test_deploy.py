@@ -73,17 +73,18 @@ def newest_committed(stack: Stack) -> int:
     return max(serials)
 
 
-def assert_finished(stack: Stack, timeout: float) -> int:
+def assert_finished(stack: Stack, timeout: float, epochs: int = 1) -> int:
     """Both trainers exit 0, the checkpoints verify, and the newest one is the final one
-    (10,800 // 2 // 64 = 84 steps: step ids 0..83); returns its serial."""
+    (10,800 // 2 // 64 = 84 steps an epoch: step ids 0..83); returns its serial."""
     for t in ("trainer-0", "trainer-1"):
         stack.wait_done(t, timeout)
     verify = stack.exec("pserver-0", "python", "-m", "ckpt", "verify", "/checkpoints")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     serial = newest_committed(stack)
     assert f"checkpoint_{serial}: ok" in verify.stdout
-    step = stack.exec("pserver-0", "cat", f"/checkpoints/checkpoint_{serial}/trainer_1/step_id")
-    assert step.stdout.strip() == "83"
+    trainer_1 = f"/checkpoints/checkpoint_{serial}/trainer_1"
+    counters = stack.exec("pserver-0", "cat", f"{trainer_1}/epoch_id", f"{trainer_1}/step_id")
+    assert counters.stdout.split() == [str(epochs - 1), "83"], counters.stdout + counters.stderr
     return serial
 
 
@@ -102,16 +103,22 @@ def test_compose_job_runs_to_the_end_and_commits_a_verified_checkpoint(stack: St
 
 
 def test_crashed_pserver_is_restarted_and_the_job_finishes_from_a_checkpoint(
-        stack: Stack) -> None:
-    stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
-    before = newest_committed(stack)
-    stack.crash("pserver-1")
-    restored = stack.wait_log("pserver-1", r"restored checkpoint_(\d+)", timeout=60)
-    serial = int(restored.group(1))
-    assert serial >= before
-    stack.wait_log("pserver-0", rf"pserver\[0\] restored checkpoint_{serial}\b", timeout=60)
-    assert assert_finished(stack, timeout=180) > serial
-    assert stack.state("pserver-1")["RestartCount"] >= 1
+        image: str, tmp_path: Path) -> None:
+    # 2 epochs: the crash lands well before the end
+    stack = Stack(tmp_path, image, {**JOB_ENV, "PSRT_TRAINER__EPOCHS": "2"}, VARIABLES)
+    try:
+        stack.up()
+        stack.wait_log("trainer-0", r"checkpoint_1 committed", timeout=120)
+        stack.crash("pserver-1")  # at once: nothing slow between the log line and the crash
+        restored = stack.wait_log("pserver-1", r"restored checkpoint_(\d+)", timeout=60)
+        serial = int(restored.group(1))
+        assert serial >= 1
+        stack.wait_log("pserver-0", rf"pserver\[0\] restored checkpoint_{serial}\b",
+                       timeout=60)
+        assert assert_finished(stack, timeout=180, epochs=2) > serial
+        assert stack.state("pserver-1")["RestartCount"] >= 1
+    finally:
+        stack.down()
 
 
 def test_trainer_cut_off_the_network_fails_naming_the_peer_within_its_deadline(
