@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Part, merge
-from ckpt.storage import LocalStorage
 from pserver.config import JobConfig
 from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 
@@ -40,7 +39,7 @@ class Coordinator:
     def __init__(self, config: JobConfig, ckpt: CheckpointConfig, facts: dict,
                  save_shard: SaveShard) -> None:
         self.config, self.ckpt, self.facts = config, ckpt, facts
-        self.storage = LocalStorage(ckpt.checkpoint_dir)
+        self.storage = ckpt.storage()
         self.holder = lock.acquire(self.storage, config.name)
         started = time.perf_counter()
         manifest = reader.newest_complete(self.storage, deep=True)

@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 from ckpt import reader
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
-from ckpt.storage import LocalStorage
 from pserver import malloc, persist
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
@@ -106,7 +105,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
 
 
 def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
-    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+    storage = config.checkpoint.storage()
 
     background = config.checkpoint.background
 
@@ -143,7 +142,7 @@ def _restore(ps: Pserver) -> None:
     config, shard = ps.shard.config, ps.shard
     if config.checkpoint is None:
         return
-    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+    storage = config.checkpoint.storage()
     coord = ps.coordinator if ps.coordinator is not None else CoordinatorClient(config)
     try:
         serial = coord.join_pserver(shard.pserver_id, ps.address)
