@@ -11,12 +11,12 @@ reads its own token. A job that finds its own name there rewrites it (one
 atomic replace or PUT). Where the create is atomic (local and mounted file
 systems through a hard link; S3 through `If-None-Match: *`, which AWS S3 and
 S3-compatible servers that implement conditional writes honour; fsspec's memory
-store) two jobs starting together cannot both win. Elsewhere (GCS, HDFS, ... as
-fsspec implements them today) the create is check-then-write: two jobs starting
-within the same moment could both see no lock, and the read-back catches only
-the one whose write landed first. The lock keeps out a second job started by
-mistake; it is not a lease, so a job that dies keeps its lock until it is
-restarted or unlocked.
+store) two jobs starting together cannot both win. Elsewhere fsspec's
+`mode="create"` is asked for but not counted on: where it checks and then
+writes, two jobs starting within the same moment could both see no lock, and
+the read-back catches only the one whose write landed first. The lock keeps out
+a second job started by mistake; it is not a lease, so a job that dies keeps
+its lock until it is restarted or unlocked.
 """
 
 from __future__ import annotations

@@ -273,14 +273,14 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
     """2 pservers, 2 trainers, sync: pserver 1 is killed in the middle of writing a
     checkpoint to S3; the restarted job skips the torn one and ends as an uninterrupted
     job that checkpoints to a local directory."""
-    local = write_job(data_dir, tmp_path / "local", tmp_path / "local" / "ckpt")
+    local = write_job(data_dir, tmp_path / "local", tmp_path / "local" / "ckpt", epochs=1)
     p = launch(local)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     expected = final_state(LocalStorage(tmp_path / "local" / "ckpt"))
 
     url = f"s3://{bucket}/jobs/demo"
-    job = write_job(data_dir, tmp_path / "s3", url,  # type: ignore[arg-type]
+    job = write_job(data_dir, tmp_path / "s3", url, epochs=1,  # type: ignore[arg-type]
                     storage_options={"endpoint_url": endpoint})
     env = {**python_env(), **CREDS, "PSRT_FAULT_SAVE_SLEEP_S": "2"}
     p = launch(job, env=env)
@@ -306,7 +306,7 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
     assert len(entries) == 3  # rotation on S3 keeps max_num_checkpoints ...
     assert all(e.problem is None for e in entries)  # ... and the torn leftover is gone
     # a second job on the same S3 directory is refused, naming the holder
-    other = write_job(data_dir, tmp_path / "other", url,  # type: ignore[arg-type]
+    other = write_job(data_dir, tmp_path / "other", url, epochs=1,  # type: ignore[arg-type]
                       storage_options={"endpoint_url": endpoint})
     r = subprocess.run([sys.executable, "-m", "pserver", "--id", "0", "--config", str(other),
                         "--set", 'job.name="other"', "--port", "0"], env=s3_env(endpoint),
