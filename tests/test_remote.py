@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
+from ckpt.__main__ import main as ckpt_main
 from ckpt.config import from_section
 from ckpt.manifest import merge
 from ckpt.remote import FsspecStorage
@@ -227,33 +228,39 @@ def ckpt_cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_ckpt_cli_on_an_s3_url(endpoint: str, bucket: str) -> None:
+def test_ckpt_cli_on_an_s3_url(endpoint: str, bucket: str,
+                               capsys: pytest.CaptureFixture[str]) -> None:
     url = f"s3://{bucket}/ck"
     storage = open_storage(url, options(endpoint))
     save(storage, 0)
     save(storage, 1, 1)
+    # a child process, credentials and endpoint from the environment
     ls = ckpt_cli(endpoint, "ls", url)
     assert ls.returncode == 0, ls.stderr
     assert re.search(r"^\s+0 .* complete", ls.stdout, re.M)
     assert re.search(r"^\s+1 .* complete", ls.stdout, re.M)
     ok = ckpt_cli(endpoint, "verify", url)
     assert ok.returncode == 0 and "checkpoint_1: ok" in ok.stdout, ok.stdout + ok.stderr
+    # in this process, with -o storage options
+    opts = [a for k, v in options(endpoint).items() for a in ("-o", f"{k}={v}")]
     rel = f"checkpoint_1/{layout.table_file(0, 't', 'values')}"
     raw = bytearray(storage.read_bytes(rel))
     raw[-1] ^= 0x40
     storage.replace(rel, bytes(raw))
-    bad = ckpt_cli(endpoint, "verify", url)
-    assert bad.returncode == 1 and "checkpoint_1: DAMAGED" in bad.stdout
-    # storage options on the command line instead of the environment
-    opt = subprocess.run([sys.executable, "-m", "ckpt", "-o", f"endpoint_url={endpoint}", "ls",
-                          url], env={**python_env(), **CREDS}, capture_output=True, text=True,
-                         timeout=60)
-    assert opt.returncode == 0 and "complete" in opt.stdout, opt.stderr
-    missing = ckpt_cli(endpoint, "ls", "s3://no-such-bucket/ck")
-    assert missing.returncode == 2
-    assert "s3://no-such-bucket/ck bucket 'no-such-bucket' does not exist" in missing.stderr
-    unknown = ckpt_cli(endpoint, "ls", "nosuch://b/ck")
-    assert unknown.returncode == 2 and "nosuch://b/ck" in unknown.stderr
+    capsys.readouterr()
+    assert ckpt_main([*opts, "verify", url]) == 1
+    assert "checkpoint_1: DAMAGED" in capsys.readouterr().out
+    lock.acquire(storage, "held")
+    assert ckpt_main([*opts, "unlock", url]) == 0
+    assert "removed the lock of job 'held'" in capsys.readouterr().out
+    assert lock.holder(storage) is None
+    assert ckpt_main([*opts, "ls", "s3://no-such-bucket/ck"]) == 2
+    assert "s3://no-such-bucket/ck bucket 'no-such-bucket' does not exist" in \
+        capsys.readouterr().err
+    assert ckpt_main(["ls", "nosuch://b/ck"]) == 2
+    assert "nosuch://b/ck" in capsys.readouterr().err
+    assert ckpt_main(["-o", "novalue", "ls", url]) == 2
+    assert "-o: expected KEY=VALUE, got 'novalue'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +320,26 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "checkpoint.checkpoint_dir:" in r.stderr, r.stderr
     assert f"{url} is used by job 'demo' (host" in r.stderr
+
+
+@pytest.mark.e2e
+def test_background_saves_to_s3_end_like_local_ones(data_dir: Path, tmp_path: Path,
+                                                     endpoint: str, bucket: str) -> None:
+    """A stand-alone trainer whose background saves go to S3 from the writer thread ends
+    with the same parameters as one saving blocking to a local directory."""
+    def standalone(job: Path, env: dict) -> str:
+        r = subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config",
+                            str(job)], cwd=job.parent, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    local = tmp_path / "local" / "ckpt"
+    standalone(write_job(data_dir, tmp_path / "local", local, 1, 1, epochs=1), python_env())
+    url = f"s3://{bucket}/standalone"
+    job = write_job(data_dir, tmp_path / "s3", url, 1, 1, epochs=1,  # type: ignore[arg-type]
+                    background=True)
+    out = standalone(job, s3_env(endpoint))  # endpoint from FSSPEC_S3_ENDPOINT_URL
+    assert "copied; committing in the background" in out
+    storage = open_storage(url, options(endpoint))
+    assert_identical(final_state(storage), final_state(LocalStorage(local)))
