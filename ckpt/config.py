@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.storage import Storage, open_storage, protocol_of
+from ckpt.storage import Storage, open_storage, protocol_of, shown
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ def _check_location(location: str, options: Any) -> None:
         raise ValueError(f"storage_options: expected a table of keys (passed to fsspec), "
                          f"got {type(options).__name__}")
     protocol = protocol_of(location)
+    location = shown(location)  # for the messages below
     if protocol is None:
         if options:
             raise ValueError(f"storage_options: only for a URL checkpoint_dir, and "

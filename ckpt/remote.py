@@ -15,13 +15,14 @@ directory). Reading never creates anything, and nothing here creates a bucket.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from ckpt.storage import CHUNK, FileEntry, Storage, _chunks, _join, npy_header
+from ckpt.storage import CHUNK, FileEntry, Storage, _chunks, _join, npy_header, shown
 
 # stores whose directories are only key prefixes: nothing to create, and the first
 # path component is a bucket (or container) that must exist already
@@ -31,30 +32,43 @@ ATOMIC_CREATE = {"s3", "s3a", "memory"}
 
 
 def _problem(url: str, e: BaseException) -> ValueError:
-    return ValueError(f"checkpoint_dir {url!r}: {type(e).__name__}: {e}")
+    return ValueError(f"checkpoint_dir {shown(url)!r}: {type(e).__name__}: {e}")
 
 
 class FsspecStorage(Storage):
     """A checkpoint directory at an fsspec URL."""
 
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
+        """Checks the URL; the file system is made (and any connection opened) on first
+        use, so a store that cannot be reached fails there, naming the URL."""
         try:
             import fsspec
         except ImportError as e:  # a runtime dependency, but say so plainly
-            raise ValueError(f"checkpoint_dir {url!r} is a URL: install fsspec") from e
-        self.root = url.rstrip("/")
+            raise ValueError(f"checkpoint_dir {shown(url)!r} is a URL: install fsspec") from e
+        self._url, self._options = url.rstrip("/"), storage_options
+        self.root = shown(self._url)  # in messages: never credentials
         self.protocol = url.split("://", 1)[0].lower()
         try:
-            self.fs, self.base = fsspec.core.url_to_fs(self.root, **storage_options)
+            cls = fsspec.get_filesystem_class(self.protocol)
         except ImportError as e:  # the protocol's implementation is not installed
-            raise ValueError(f"checkpoint_dir {url!r}: {e}") from None
-        except (ValueError, TypeError) as e:  # unknown protocol, bad options
+            raise ValueError(f"checkpoint_dir {self.root!r}: {e}") from None
+        except ValueError as e:  # unknown protocol
             raise _problem(url, e) from None
-        self.base = self.base.rstrip("/")
+        self.base = cls._strip_protocol(self._url).rstrip("/")
         self.object_store = self.protocol in OBJECT_STORES
         self.exclusive_create = self.protocol in ATOMIC_CREATE
         if self.object_store and not self.base:
-            raise ValueError(f"checkpoint_dir {url!r}: expected {self.protocol}://BUCKET/PATH")
+            raise ValueError(f"checkpoint_dir {self.root!r}: expected "
+                             f"{self.protocol}://BUCKET/PATH")
+
+    @functools.cached_property
+    def fs(self) -> Any:  # noqa: ANN401 - an fsspec AbstractFileSystem
+        import fsspec
+
+        try:
+            return fsspec.core.url_to_fs(self._url, **self._options)[0]
+        except (OSError, ValueError, TypeError) as e:  # unreachable, bad options
+            raise _problem(self._url, e) from None
 
     def _path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
@@ -114,30 +128,36 @@ class FsspecStorage(Storage):
             return None
         bucket = self.base.split("/", 1)[0]
         self.fs.invalidate_cache(bucket)
-        if self.fs.exists(bucket):
-            return None
-        return (f"bucket {bucket!r} does not exist or is not visible with these credentials "
-                f"(psrt does not create buckets)")
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            return (f"bucket {bucket!r} does not exist or is not visible with these "
+                    f"credentials (psrt does not create buckets)")
+        return None
 
     def missing(self) -> str | None:
         try:
             problem = self._no_bucket()
             if problem is None and not self.fs.exists(self._fresh("")):
                 problem = "holds nothing"
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - the store's own errors (botocore, ...)
             problem = f"cannot be read: {type(e).__name__}: {e}"
         return problem
 
     def check_root(self) -> None:
-        """The bucket must exist (psrt never creates one); elsewhere, make the directory."""
+        """The bucket must exist (psrt never creates one); elsewhere, make the directory.
+        Any failure (an endpoint that cannot be reached too) is a ValueError naming the
+        URL."""
         try:
             problem = self._no_bucket()
-            if problem:
-                raise ValueError(f"checkpoint_dir {self.root!r}: {problem}")
-            if not self.object_store:
+            if not problem and not self.object_store:
                 self.fs.makedirs(self.base, exist_ok=True)
-        except OSError as e:
-            raise _problem(self.root, e) from None
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store's own errors (botocore, ...)
+            raise _problem(self._url, e) from None
+        if problem:
+            raise ValueError(f"checkpoint_dir {self.root!r}: {problem}")
 
     def makedirs(self, rel: str) -> None:
         if not self.object_store:

@@ -56,6 +56,11 @@ def protocol_of(location: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def shown(location: str) -> str:
+    """A location as messages show it: a URL's user:password@ is masked."""
+    return re.sub(r"://[^/@]*@", "://***@", location)
+
+
 def open_storage(location: str | os.PathLike[str],
                  storage_options: dict[str, Any] | None = None) -> Storage:
     """The storage of a `checkpoint_dir`: a plain path or `file://` URL is a LocalStorage
@@ -69,7 +74,8 @@ def open_storage(location: str | os.PathLike[str],
     if protocol == "file":
         path = text[len("file://"):]
         if not path.startswith("/"):
-            raise ValueError(f"{text}: a file:// URL needs an absolute path (file:///dir)")
+            raise ValueError(f"{shown(text)}: a file:// URL needs an absolute path "
+                             f"(file:///dir)")
         return LocalStorage(path)
     from ckpt.remote import FsspecStorage
 

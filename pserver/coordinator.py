@@ -62,7 +62,7 @@ class Coordinator:
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
         log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
-                 ckpt.checkpoint_dir, config.name, what, self.verify_seconds)
+                 self.storage.root, config.name, what, self.verify_seconds)
 
     # ---- membership ---------------------------------------------------------
 

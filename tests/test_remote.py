@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -214,6 +215,19 @@ def test_a_missing_bucket_is_named(endpoint: str) -> None:
         lock.acquire(storage, "j")
     fs = s3fs.S3FileSystem(**options(endpoint))
     assert not fs.exists("no-such-bucket")  # and nothing made it
+
+
+def test_an_endpoint_that_cannot_be_reached_is_named() -> None:
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    storage = open_storage("s3://b/ck", {"endpoint_url": f"http://127.0.0.1:{port}",
+                                         "key": "k", "secret": "s",
+                                         "config_kwargs": {"retries": {"max_attempts": 1}}})
+    with pytest.raises(lock.LockedError, match=r"^s3://b/ck: cannot take the lock: .*"
+                                               r"EndpointConnectionError.*127.0.0.1"):
+        lock.acquire(storage, "j")
+    assert "cannot be read: EndpointConnectionError" in storage.missing()
 
 
 # ---- the CLI and a real job on S3 -------------------------------------------------------
