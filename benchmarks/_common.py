@@ -39,6 +39,9 @@ def _overrides(config: cfg.JobConfig) -> list[str]:
            f"job.seed={config.seed}", f"job.virtual_shards={config.virtual_shards}",
            "job.pservers=[" + ",".join(f'"{a}"' for a in config.pservers) + "]",
            f"rpc.max_message_bytes={config.rpc.max_message_bytes}"]
+    for key in ("tls", "tls_cert", "tls_key", "tls_ca", "token_file"):  # pull_push.py --security
+        if getattr(config.rpc, key):
+            out.append(f'rpc.{key}="{getattr(config.rpc, key)}"')
     for t in config.tables:
         out += [f"tables.{t.name}.dim={t.dim}", f"tables.{t.name}.optimizer=\"{t.optimizer.kind}\""]
     for d in config.dense:

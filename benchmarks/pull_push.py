@@ -1,12 +1,15 @@
 """Pull and push throughput against real pserver processes, and the transport ceiling.
 
-    python benchmarks/pull_push.py [--quick]
+    python benchmarks/pull_push.py [--quick] [--security off|tls|mtls]
 
 Dim 64; 4,096 and 65,536 ids per call; uniform ids and Zipf(1.1) over 10M ids;
 P=1 and P=2 pservers (async mode, so nothing waits on other trainers). The
 ceiling is a bare gRPC unary method with raw-bytes request and response of the
 same sizes as a 65,536-id pull (and push), called from one client thread.
 Rows are created by a warm-up pass, so the timed calls measure steady state.
+`--security tls` or `mtls` runs the pservers and the client with TLS (or mutual
+TLS) and the shared token, certificates made on the spot with trustme (the
+test extra); the ceiling stays plaintext.
 The last line is JSON.
 """
 
@@ -73,16 +76,39 @@ def ceiling(n: int, min_time: float) -> dict[str, float]:
         proc.wait()
 
 
+def security_keys(mode: str) -> dict[str, str]:
+    """[rpc] keys for `mode`, with a throwaway CA, certificate and token."""
+    if mode == "off":
+        return {}
+    import secrets
+
+    import trustme
+
+    wd = workdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(wd / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(wd / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(wd / "cert.key"))
+    (wd / "token").write_text(secrets.token_hex(32))
+    return {"tls": mode, "tls_cert": str(wd / "cert.pem"), "tls_key": str(wd / "cert.key"),
+            "tls_ca": str(wd / "ca.pem"), "token_file": str(wd / "token")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="shorter timings (for smoke tests)")
+    ap.add_argument("--security", choices=("off", "tls", "mtls"), default="off",
+                    help="TLS or mutual TLS, with the token, between client and pservers")
     args = ap.parse_args()
+    rpc = security_keys(args.security)
     min_time = 0.3 if args.quick else 2.0
     rng = np.random.default_rng(0)
     results: dict[str, float] = {}
     for p in (1, 2):
         config = cfg.build({"job": {"mode": "async", "pservers": ["127.0.0.1:0"] * p},
-                            "tables": {"emb": {"dim": DIM, "optimizer": "adagrad"}}})
+                            "tables": {"emb": {"dim": DIM, "optimizer": "adagrad"}},
+                            "rpc": rpc})
         bound, procs = start_pservers(config, workdir())
         try:
             client = PSClient(bound)
@@ -101,6 +127,7 @@ def main() -> None:
     print(f"ceiling (raw bytes, 65536 rows): pull {ceil['ceiling_rows_per_s']:,.0f} rows/s  "
           f"push {ceil['ceiling_push_rows_per_s']:,.0f} rows/s", flush=True)
     summary = {
+        "security": args.security,
         "pull_rows_per_s": results["pull_rows_per_s_uniform_65536_p1"],
         "push_rows_per_s": results["push_rows_per_s_uniform_65536_p1"],
         "ceiling_rows_per_s": round(ceil["ceiling_rows_per_s"]),

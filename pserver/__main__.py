@@ -44,14 +44,14 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")
     args = p.parse_args(argv)
+    from pserver.status import report
+
     try:
         config = cfg.load(args.config, args.set)
+        text, all_ok = report(config, args.timeout)  # reads the TLS files and token
     except cfg.ConfigError as e:
         print(f"pserver status: config error: {e}", file=sys.stderr)
         return 2
-    from pserver.status import report
-
-    text, all_ok = report(config, args.timeout)
     print(text)
     return 0 if all_ok else 1
 

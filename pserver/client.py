@@ -18,9 +18,10 @@ from pserver import codec, malloc
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.dedup import Groups, dedup, group, sum_duplicates
-from pserver.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
+from pserver.errors import InvalidArgument, NotFound, PsrtError, Unavailable, from_rpc_error
+from pserver.security import open_channel, why_unreachable
 from pserver.server import channel_options
-from pserver.servicer import SERVICE
+from pserver.servicer import GENERATION_KEY, SERVICE
 from pserver.sharding import owner
 from pserver.wire import decode_tensor, encode_tensor
 
@@ -47,10 +48,13 @@ class PSClient:
         self.trainer_id = trainer_id
         self.addresses = list(addresses or config.pservers)
         self.deadline = config.rpc.deadline_s
+        self.generation = 0  # 0: calls carry none (no coordinator)
+        self._metadata: tuple | None = None
+        self.fenced: PsrtError | None = None  # set by the heartbeat: the next call raises it
         self._dims = {t.name: t.dim for t in config.tables}
         self._dense = {d.name: config.dense_owner(d.name) for d in config.dense}  # -> pserver
         opts = channel_options(config)
-        self._channels = [grpc.insecure_channel(a, options=opts) for a in self.addresses]
+        self._channels = [open_channel(a, config.rpc, opts) for a in self.addresses]
         # Pull, Push and their batches go as raw bytes (pserver.codec); the rest as protobuf.
         self._stubs = [
             {name: ch.unary_unary(
@@ -79,10 +83,25 @@ class PSClient:
                 grpc.channel_ready_future(ch).result(timeout=timeout)
             except grpc.FutureTimeoutError:
                 raise Unavailable(f"pserver[{p}] at {self.addresses[p]} did not answer within "
-                                  f"{timeout:.0f}s (rpc.connect_timeout_s)") from None
+                                  f"{timeout:.0f}s (rpc.connect_timeout_s)"
+                                  f"{why_unreachable(ch, self.config.rpc)}") from None
+
+    def set_generation(self, generation: int) -> None:
+        """Every call from now on belongs to `generation` (pservers refuse other ones)."""
+        self.generation = generation
+        self._metadata = ((GENERATION_KEY, str(generation)),) if generation else None
+        self.fenced = None
+
+    def fence(self, error: PsrtError) -> None:
+        """The job rolled back (FailedPrecondition) or failed (JobFailed): the next call
+        raises `error`."""
+        self.fenced = error
 
     def _call(self, p: int, method: str, request: object) -> grpc.Future:
-        return self._stubs[p][method].future(request, timeout=self.deadline)
+        if self.fenced is not None:
+            raise type(self.fenced)(f"{method}: {self.fenced}")
+        return self._stubs[p][method].future(request, timeout=self.deadline,
+                                             metadata=self._metadata)
 
     def _result(self, fut: grpc.Future, p: int, what: str) -> object:
         try:

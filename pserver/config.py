@@ -107,6 +107,21 @@ RPC_KEYS = [
     Key("grace_s", float, 5.0, "on SIGTERM, how long in-flight calls may finish", _non_negative),
     Key("checkpoint_timeout_s", float, 600.0, "deadline of the checkpoint calls (restore, "
         "barrier, commit), which wait for other processes and for the disk", _positive),
+    # security (pserver/security.py; README "Security")
+    Key("tls", str, "off", "off; tls: pservers present tls_cert, clients verify it against "
+        "tls_ca; mtls: clients present a certificate too and pservers verify it against tls_ca",
+        _one_of("off", "tls", "mtls")),
+    Key("tls_cert", str, "", "PEM certificate (chain) pservers present; in mtls clients too, "
+        "unless tls_client_cert is set"),
+    Key("tls_key", str, "", "PEM private key of tls_cert"),
+    Key("tls_ca", str, "", "PEM CA certificates that verify the peer (clients: the pservers'; "
+        "mtls pservers: the clients'); empty: the system's roots (tls only)"),
+    Key("tls_client_cert", str, "", "mtls: PEM certificate clients present (default: tls_cert)"),
+    Key("tls_client_key", str, "", "mtls: PEM private key of tls_client_cert (default: tls_key)"),
+    Key("tls_server_name", str, "", "host name clients expect in the pservers' certificates "
+        "(default: the host of each job.pservers address)"),
+    Key("token_file", str, "", "file holding the shared token every call must carry "
+        "(or the PSRT_TOKEN environment variable, not both); empty: no token check"),
 ]
 _OPT_KEYS = [
     Key("optimizer", str, None, "sgd, adagrad or adam", _one_of(*optimizers.KINDS)),
@@ -135,7 +150,31 @@ DENSE_KEYS = [
     *[dataclasses.replace(k, default={"optimizer": "adam", "learning_rate": 0.001}[k.name])
       if k.name in ("optimizer", "learning_rate") else k for k in _OPT_KEYS],
 ]
-SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS}
+RECOVERY_KEYS = [
+    Key("heartbeat_s", float, 1.0, "how often every process tells the coordinator it is alive, "
+        "seconds", _positive),
+    Key("liveness_timeout_s", float, 5.0, "a process silent this long is taken for dead and the "
+        "job rolls back to its newest complete checkpoint", _positive),
+    Key("rejoin_timeout_s", float, 120.0, "how long the job waits for a lost process to come "
+        "back before it fails, naming it", _positive),
+    Key("max_restarts", int, 3, "local launcher: how many times it restarts a process that "
+        "died (0: stop the job instead); needs a [checkpoint] section", _non_negative),
+]
+METRICS_KEYS = [
+    Key("port", int, -1, "Prometheus metrics over HTTP: -1 off; 0 each process picks a free port "
+        "(logged, and written to metrics.targets_dir); N > 0: pserver i serves on N + i, "
+        "trainer j on N + P + j", lambda v: None if v >= -1 else f"must be >= -1, got {v!r}"),
+    Key("host", str, "127.0.0.1", "address the metrics port listens on (0.0.0.0 in a "
+        "container)", lambda v: None if v.strip() else "must not be empty"),
+    Key("targets_dir", str, "", "if set, each process writes ROLE_ID.json there (a Prometheus "
+        "file_sd target list: its HOST:PORT) once its metrics port serves, and removes it when "
+        "it stops; relative to the working directory"),
+    Key("curves_dir", str, "", "if set, trainer j appends its per-step figures to "
+        "trainer_J.jsonl there, relative to the working directory (`python -m trainer "
+        "launch` sets WORKDIR/curves)"),
+]
+SCHEMAS: dict[str, list[Key]] = {"job": JOB_KEYS, "rpc": RPC_KEYS, "recovery": RECOVERY_KEYS,
+                               "metrics": METRICS_KEYS}
 NAMED_SCHEMAS: dict[str, list[Key]] = {"tables": TABLE_KEYS, "dense": DENSE_KEYS}
 OTHER_SECTIONS = ("trainer", "data", "model")
 
@@ -170,6 +209,41 @@ class RpcConfig:
     server_threads: int = 32
     grace_s: float = 5.0
     checkpoint_timeout_s: float = 600.0
+    tls: str = "off"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+    token_file: str = ""
+
+    def __post_init__(self) -> None:
+        from pserver.security import check  # imports this module
+
+        check(self)
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    heartbeat_s: float = 1.0
+    liveness_timeout_s: float = 5.0
+    rejoin_timeout_s: float = 120.0
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.liveness_timeout_s <= 2 * self.heartbeat_s:
+            raise ConfigError("recovery.liveness_timeout_s", f"must be over twice "
+                              f"recovery.heartbeat_s ({self.heartbeat_s}), got "
+                              f"{self.liveness_timeout_s}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = -1
+    host: str = "127.0.0.1"
+    targets_dir: str = ""
+    curves_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,6 +255,8 @@ class JobConfig:
     pservers: tuple[str, ...] = ("127.0.0.1:7070",)
     virtual_shards: int = 1024
     rpc: RpcConfig = field(default_factory=RpcConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tables: tuple[TableSpec, ...] = ()
     dense: tuple[DenseSpec, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -253,6 +329,11 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
             raise ConfigError(section, f"unknown section (known: {known})")
     job = parse_section("job", JOB_KEYS, raw.get("job", {}))
     rpc = RpcConfig(**parse_section("rpc", RPC_KEYS, raw.get("rpc", {})))
+    recovery = RecoveryConfig(**parse_section("recovery", RECOVERY_KEYS, raw.get("recovery", {})))
+    metrics = MetricsConfig(**parse_section("metrics", METRICS_KEYS, raw.get("metrics", {})))
+    last = metrics.port + len(job["pservers"]) + job["num_trainers"] - 1
+    if metrics.port > 0 and last > 65535:
+        raise ConfigError("metrics.port", f"{metrics.port} + P + T - 1 = {last} is over 65535")
     tables, dense = [], []
     for kind, schema in NAMED_SCHEMAS.items():
         named = raw.get(kind, {})
@@ -272,7 +353,8 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     if clash:
         raise ConfigError(f"dense.{sorted(clash)[0]}", "a table has the same name")
     sections = {k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw}
-    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc,
+    return JobConfig(**{**job, "pservers": tuple(job["pservers"])}, rpc=rpc, recovery=recovery,
+                     metrics=metrics,
                      tables=tuple(tables), dense=tuple(dense), sections=sections, source=source,
                      checkpoint=_checkpoint(raw.get("checkpoint")))
 

@@ -10,6 +10,9 @@ asks every pserver to write its shard, while the trainers write their parts
 and `commit`. When every part is in, it writes MANIFEST.json and _SUCCESS,
 rotates, and releases the trainers. A failed part fails that checkpoint only:
 every trainer hears which process failed and why, and training goes on.
+
+Membership, liveness and rollbacks to a new generation are in `membership`; a
+rollback abandons the checkpoint being written and picks the restore point anew.
 """
 
 from __future__ import annotations
@@ -22,8 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Part, merge
+from pserver import metrics as pmetrics
 from pserver.config import JobConfig
-from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from pserver.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    JobFailed,
+    Unavailable,
+)
+from pserver.membership import Membership
 
 log = logging.getLogger(__name__)
 # (pserver_id, serial) -> its part; None for a background save, whose part comes later
@@ -37,7 +48,7 @@ class CheckpointFailed(FailedPrecondition):
 
 class Coordinator:
     def __init__(self, config: JobConfig, ckpt: CheckpointConfig, facts: dict,
-                 save_shard: SaveShard) -> None:
+                 save_shard: SaveShard, watch: bool = True) -> None:
         self.config, self.ckpt, self.facts = config, ckpt, facts
         self.storage = ckpt.storage()
         self.holder = lock.acquire(self.storage, config.name)
@@ -49,7 +60,8 @@ class Coordinator:
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
         self._save_shard = save_shard
         self._cond = threading.Condition()
-        self._ready: set[int] = set()
+        self.members = Membership(config.num_pservers, config.num_trainers, config.recovery,
+                                  self._cond, self._on_rollback)
         self._addresses: dict[int, str] = {}
         self._round: dict[int, tuple] = {}  # trainer -> (global_step, epoch, step, final)
         self._serial: int | None = None
@@ -59,18 +71,30 @@ class Coordinator:
         self.background = ckpt.background
         self._staged: set[int] = set()  # pservers whose shard is copied (or written)
         self._skipped: set[tuple] = set()  # trigger points skipped while a save was in flight
+        self._abandoned: set[int] = set()  # serials given up by a rollback
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
         log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
                  self.storage.root, config.name, what, self.verify_seconds)
+        if watch:
+            self.members.start_watch()
+
+    @property
+    def generation(self) -> int:
+        return self.members.generation
+
+    def close(self) -> None:
+        self.members.stop()
+        self._pool.shutdown(wait=False)
 
     # ---- membership ---------------------------------------------------------
 
-    def join_pserver(self, pserver_id: int, address: str) -> int:
-        self._check_id("pserver", pserver_id, self.config.num_pservers)
+    def join_pserver(self, pserver_id: int, address: str, incarnation: str = "") -> int:
+        """Returns the serial to restore (-1: none) for generation `self.generation`."""
         with self._cond:
+            self.members.join("pserver", pserver_id, incarnation)
             self._addresses[pserver_id] = address
-        return self.restore_serial
+            return self.restore_serial
 
     def address_of(self, pserver_id: int) -> str:
         with self._cond:
@@ -78,24 +102,59 @@ class Coordinator:
                 raise Unavailable(f"pserver {pserver_id} has not joined")
             return self._addresses[pserver_id]
 
-    def ready(self, pserver_id: int, serial: int) -> None:
+    def ready(self, pserver_id: int, serial: int, generation: int | None = None) -> None:
         self._check_id("pserver", pserver_id, self.config.num_pservers)
-        if serial != self.restore_serial:
-            raise FailedPrecondition(f"Ready: pserver {pserver_id} restored checkpoint {serial}, "
-                                     f"the job restores {self.restore_serial}")
         with self._cond:
-            self._ready.add(pserver_id)
-            self._cond.notify_all()
+            m = self.members
+            gen = m.generation if generation is None else generation
+            if gen == m.generation and serial != self.restore_serial:
+                raise FailedPrecondition(f"Ready: pserver {pserver_id} restored checkpoint "
+                                         f"{serial}, the job restores {self.restore_serial}")
+            m.mark_ready(pserver_id, gen)
 
-    def join_trainer(self, trainer_id: int, timeout: float) -> int:
-        self._check_id("trainer", trainer_id, self.config.num_trainers)
-        p = self.config.num_pservers
+    def join_trainer(self, trainer_id: int, timeout: float, incarnation: str = "") -> int:
+        """Wait until every pserver has restored and every trainer has joined; returns the
+        serial to restore (-1: none) for generation `self.generation`."""
+        deadline = time.monotonic() + timeout
+        m = self.members
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._ready) == p, timeout):
-                missing = sorted(set(range(p)) - self._ready)
-                raise Unavailable(f"Join: pservers {missing} have not restored "
-                                  f"checkpoint {self.restore_serial} yet")
-        return self.restore_serial
+            m.join("trainer", trainer_id, incarnation)
+            while not m.running:
+                gen = m.generation
+                self._cond.wait_for(lambda gen=gen: m.running or m.fatal is not None
+                                    or m.generation != gen, deadline - time.monotonic())
+                if m.fatal is not None:
+                    raise JobFailed(m.fatal)
+                if m.generation != gen:  # rolled back while waiting: join the new one
+                    m.joined.add(trainer_id)
+                    m._maybe_run()
+                elif not m.running:
+                    missing = sorted(set(range(self.config.num_pservers)) - m.ready)
+                    absent = sorted(set(range(self.config.num_trainers)) - m.joined)
+                    raise Unavailable(f"Join: pservers {missing} have not restored checkpoint "
+                                      f"{self.restore_serial} and trainers {absent} have not "
+                                      f"joined within {timeout:.0f}s")
+            return self.restore_serial
+
+    def heartbeat(self, role: str, i: int, incarnation: str, step: int = 0,
+                  finished: bool = False) -> tuple[int, int, bool]:
+        """(generation, its restore serial, running) for a member that is alive."""
+        with self._cond:
+            self.members.heartbeat(role, i, incarnation, step, finished)
+            return self.members.generation, self.restore_serial, self.members.running
+
+    def _on_rollback(self, reason: str) -> None:
+        """(Under the lock.) Abandon the checkpoint being written; restore the newest."""
+        if self._serial is not None:
+            self._outcome[self._serial] = f"checkpoint_{self._serial} abandoned: {reason}"
+            self._abandoned.add(self._serial)
+            self._serial, self._round = None, {}
+        self._skipped = set()
+        manifest = reader.newest_complete(self.storage, deep=False)
+        self.restore_manifest = manifest
+        self.restore_serial = manifest.serial if manifest is not None else -1
+        log.info("coordinator: generation %d restores %s", self.members.generation,
+                 f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)")
 
     def _check_id(self, role: str, i: int, n: int) -> None:
         if not 0 <= i < n:
@@ -111,6 +170,7 @@ class Coordinator:
             (global_step, epoch_id, step_id, final)
         t = self.config.num_trainers
         with self._cond:
+            gen = self._check_running("Barrier", trainer_id)
             if point in self._skipped:
                 return -1
             if self._serial is not None and len(self._round) == t:
@@ -130,12 +190,23 @@ class Coordinator:
             self._round[trainer_id] = point
             if len(self._round) == t:
                 self._start_save()
-            elif not self._cond.wait_for(lambda: self._serial is not None, timeout):
+            elif not self._cond.wait_for(lambda: self._serial is not None
+                                         or self.members.generation != gen, timeout):
                 self._round.pop(trainer_id, None)
                 missing = sorted(set(range(t)) - set(self._round))
                 raise DeadlineExceeded(f"Barrier: trainers {missing} did not reach "
                                        f"epoch {epoch_id} step {step_id} within {timeout:.0f}s")
+            self._check_running("Barrier", trainer_id, gen)
             return self._serial
+
+    def _check_running(self, where: str, trainer_id: int, gen: int | None = None) -> int:
+        m = self.members
+        if m.fatal is not None:
+            raise JobFailed(m.fatal)
+        if not m.running or (gen is not None and m.generation != gen):
+            raise FailedPrecondition(f"{where}: trainer {trainer_id}: the job is rolling back "
+                                     f"(generation {m.generation}); join again")
+        return m.generation
 
     def _start_save(self) -> None:
         """All trainers are in: assign the serial, start every pserver's save."""
@@ -197,6 +268,8 @@ class Coordinator:
                 raise DeadlineExceeded(f"Commit: checkpoint {serial} not committed within "
                                        f"{timeout:.0f}s")
             outcome = self._outcome.get(serial)
+        if serial in self._abandoned:  # not a failure: the job rolls back, the trainer rejoins
+            raise Unavailable(f"{outcome}; the job is rolling back")
         if outcome is not None:
             raise CheckpointFailed(outcome)
         return serial
@@ -215,9 +288,14 @@ class Coordinator:
             parts, failures, final = list(self._parts.values()), list(self._failures), \
                 self._final
         outcome = self._finish(serial, parts, failures, final)
+        pmetrics.of(self).checkpoint_outcome(serial, outcome)
         with self._cond:
+            if serial != self._serial:  # abandoned by a rollback meanwhile
+                return
             self._outcome[serial] = outcome
             self._serial, self._round = None, {}
+            if outcome is None and final:
+                self.members.done = True
             self._cond.notify_all()
 
     def _finish(self, serial: int, parts: list[Part], failures: list[str],

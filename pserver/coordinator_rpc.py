@@ -17,7 +17,15 @@ from ckpt.manifest import Part
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
 from pserver.coordinator import CheckpointFailed, Coordinator
-from pserver.errors import FailedPrecondition, PsrtError, Unavailable, from_rpc_error, status_of
+from pserver.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PsrtError,
+    Unavailable,
+    from_rpc_error,
+    status_of,
+)
+from pserver.security import open_channel
 from pserver.servicer import remaining as _remaining
 
 SERVICE = "psrt.v1.Coordinator"
@@ -27,6 +35,7 @@ _METHODS = {
     "Barrier": (pb.BarrierRequest, pb.BarrierResponse),
     "Commit": (pb.CommitRequest, pb.CommitResponse),
     "ReportPart": (pb.ReportPartRequest, pb.ReportPartResponse),
+    "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatResponse),
 }
 
 
@@ -37,14 +46,21 @@ class CoordinatorServicer:
 
     def Join(self, req: pb.JoinRequest, ctx: grpc.ServicerContext) -> pb.JoinResponse:
         if req.role == "pserver":
-            return pb.JoinResponse(serial=self.c.join_pserver(req.id, req.address))
-        if req.role == "trainer":
-            return pb.JoinResponse(serial=self.c.join_trainer(req.id, _remaining(ctx, self.wait)))
-        raise FailedPrecondition(f"Join: role must be 'pserver' or 'trainer', got {req.role!r}")
+            serial = self.c.join_pserver(req.id, req.address, req.incarnation)
+        elif req.role == "trainer":
+            serial = self.c.join_trainer(req.id, _remaining(ctx, self.wait), req.incarnation)
+        else:
+            raise InvalidArgument(f"Join: role must be 'pserver' or 'trainer', got {req.role!r}")
+        return pb.JoinResponse(serial=serial, generation=self.c.generation)
 
     def Ready(self, req: pb.ReadyRequest, ctx: grpc.ServicerContext) -> pb.ReadyResponse:
-        self.c.ready(req.pserver_id, req.serial)
+        self.c.ready(req.pserver_id, req.serial, req.generation or None)
         return pb.ReadyResponse()
+
+    def Heartbeat(self, req: pb.HeartbeatRequest, ctx: grpc.ServicerContext) -> Any:
+        gen, serial, running = self.c.heartbeat(req.role, req.id, req.incarnation,
+                                                req.global_step, req.finished)
+        return pb.HeartbeatResponse(generation=gen, serial=serial, running=running)
 
     def Barrier(self, req: pb.BarrierRequest, ctx: grpc.ServicerContext) -> pb.BarrierResponse:
         serial = self.c.barrier(req.trainer_id, req.global_step, req.epoch_id, req.step_id,
@@ -92,7 +108,11 @@ class CoordinatorClient:
         self.deadline = config.rpc.deadline_s
         self.long_deadline = config.rpc.checkpoint_timeout_s
         self.connect_timeout = config.rpc.connect_timeout_s
-        self._channel = grpc.insecure_channel(self.address)
+        self.heartbeat_deadline = max(1.0, config.recovery.heartbeat_s * 2)
+        self.generation = 0  # learnt from the last Join
+        from pserver.server import channel_options
+
+        self._channel = open_channel(self.address, config.rpc, channel_options(config))
         self._stubs = {name: self._channel.unary_unary(
             f"/{SERVICE}/{name}", request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=resp.FromString) for name, (_, resp) in _METHODS.items()}
@@ -114,16 +134,30 @@ class CoordinatorClient:
                     continue
                 raise err from None
 
-    def join_pserver(self, pserver_id: int, address: str) -> int:
-        req = pb.JoinRequest(role="pserver", id=pserver_id, address=address)
-        return self._call("Join", req, self.connect_timeout, retry_unavailable=True).serial
+    def join_pserver(self, pserver_id: int, address: str, incarnation: str = "") -> int:
+        req = pb.JoinRequest(role="pserver", id=pserver_id, address=address,
+                             incarnation=incarnation)
+        resp = self._call("Join", req, self.connect_timeout, retry_unavailable=True)
+        self.generation = resp.generation
+        return resp.serial
 
-    def ready(self, pserver_id: int, serial: int) -> None:
-        self._call("Ready", pb.ReadyRequest(pserver_id=pserver_id, serial=serial), self.deadline)
+    def ready(self, pserver_id: int, serial: int, generation: int | None = None) -> None:
+        req = pb.ReadyRequest(pserver_id=pserver_id, serial=serial, generation=generation or 0)
+        self._call("Ready", req, self.deadline)
 
-    def join_trainer(self, trainer_id: int, timeout: float | None = None) -> int:
-        req = pb.JoinRequest(role="trainer", id=trainer_id)
-        return self._call("Join", req, self.long_deadline, retry_unavailable=True).serial
+    def join_trainer(self, trainer_id: int, timeout: float | None = None,
+                     incarnation: str = "") -> int:
+        req = pb.JoinRequest(role="trainer", id=trainer_id, incarnation=incarnation)
+        resp = self._call("Join", req, self.long_deadline, retry_unavailable=True)
+        self.generation = resp.generation
+        return resp.serial
+
+    def heartbeat(self, role: str, i: int, incarnation: str, step: int = 0,
+                  finished: bool = False) -> tuple[int, int, bool]:
+        req = pb.HeartbeatRequest(role=role, id=i, incarnation=incarnation, global_step=step,
+                                  finished=finished)
+        resp = self._call("Heartbeat", req, self.heartbeat_deadline)
+        return resp.generation, resp.serial, resp.running
 
     def barrier(self, trainer_id: int, global_step: int, epoch_id: int, step_id: int,
                 final: bool, timeout: float | None = None) -> int:

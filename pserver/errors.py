@@ -42,6 +42,10 @@ class Unauthenticated(PsrtError, PermissionError):
     """Missing or wrong credentials."""
 
 
+class JobFailed(PsrtError, RuntimeError):
+    """The job cannot go on (a process did not come back in time); every process stops."""
+
+
 class Internal(PsrtError, RuntimeError):
     """A bug on the server: the message says where."""
 
@@ -54,6 +58,7 @@ STATUS = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    JobFailed: grpc.StatusCode.ABORTED,
     Internal: grpc.StatusCode.INTERNAL,
 }
 _BY_CODE = {code: err for err, code in STATUS.items()}

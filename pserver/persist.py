@@ -21,6 +21,7 @@ import numpy as np
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import Storage
+from pserver import metrics as pmetrics
 from pserver import optimizers
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
@@ -56,11 +57,17 @@ def _stage(shard: Shard, copy: bool) -> Staged:
 
 def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
            started: float) -> Part:
-    part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, staged.vshards,
-                              shard.config.virtual_shards, staged.dense_state,
-                              {"applied": staged.applied}, midway=_fault(serial))
+    try:
+        part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables,
+                                  staged.vshards, shard.config.virtual_shards,
+                                  staged.dense_state, {"applied": staged.applied},
+                                  midway=_fault(serial))
+    except BaseException:
+        pmetrics.of(shard).save_failed()
+        raise
     seconds = time.perf_counter() - started
     size = sum(f.size for f in part.files)
+    pmetrics.of(shard).shard_written(seconds, size)
     log.info("pserver[%d] wrote its part of checkpoint_%d: %.1f MB in %.2fs (%.2f GB/s)",
              shard.pserver_id, serial, size / 1e6, seconds, size / max(seconds, 1e-9) / 1e9)
     return part
@@ -79,7 +86,9 @@ def save_shard(shard: Shard, storage: Storage, serial: int) -> Part:
     for lock in locks:
         lock.acquire()
     try:
-        return _write(shard, _stage(shard, copy=False), storage, serial, started)
+        part = _write(shard, _stage(shard, copy=False), storage, serial, started)
+        pmetrics.of(shard).stalled(time.perf_counter() - started)
+        return part
     finally:
         for lock in locks:
             lock.release()
@@ -99,6 +108,7 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
         for lock in locks:
             lock.release()
     stall = time.perf_counter() - started
+    pmetrics.of(shard).stalled(stall)
 
     def write() -> None:
         try:

@@ -207,28 +207,36 @@ class SaveShardResponse(_message.Message):
     def __init__(self, part: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("role", "id", "address")
+    __slots__ = ("role", "id", "address", "incarnation", "generation")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     role: str
     id: int
     address: str
-    def __init__(self, role: _Optional[str] = ..., id: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    generation: int
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[int] = ..., address: _Optional[str] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("serial",)
+    __slots__ = ("serial", "generation")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     serial: int
-    def __init__(self, serial: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, serial: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ReadyRequest(_message.Message):
-    __slots__ = ("pserver_id", "serial")
+    __slots__ = ("pserver_id", "serial", "generation")
     PSERVER_ID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     pserver_id: int
     serial: int
-    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ...) -> None: ...
+    generation: int
+    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ReadyResponse(_message.Message):
     __slots__ = ()
@@ -285,3 +293,29 @@ class ReportPartRequest(_message.Message):
 class ReportPartResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("role", "id", "incarnation", "generation", "global_step", "finished")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STEP_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    id: int
+    incarnation: str
+    generation: int
+    global_step: int
+    finished: bool
+    def __init__(self, role: _Optional[str] = ..., id: _Optional[int] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., global_step: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("generation", "serial", "running")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    serial: int
+    running: bool
+    def __init__(self, generation: _Optional[int] = ..., serial: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...

@@ -432,6 +432,11 @@ class CoordinatorStub:
                 request_serializer=pserver_dot_psrt__pb2.ReportPartRequest.SerializeToString,
                 response_deserializer=pserver_dot_psrt__pb2.ReportPartResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/psrt.v1.Coordinator/Heartbeat',
+                request_serializer=pserver_dot_psrt__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -467,6 +472,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -494,6 +505,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportPart,
                     request_deserializer=pserver_dot_psrt__pb2.ReportPartRequest.FromString,
                     response_serializer=pserver_dot_psrt__pb2.ReportPartResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=pserver_dot_psrt__pb2.HeartbeatRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +647,33 @@ class Coordinator:
             '/psrt.v1.Coordinator/ReportPart',
             pserver_dot_psrt__pb2.ReportPartRequest.SerializeToString,
             pserver_dot_psrt__pb2.ReportPartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Heartbeat',
+            pserver_dot_psrt__pb2.HeartbeatRequest.SerializeToString,
+            pserver_dot_psrt__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

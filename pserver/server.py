@@ -6,23 +6,25 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ckpt import reader
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
 from pserver import malloc, persist
+from pserver import metrics as pmetrics
 from pserver import psrt_pb2 as pb
 from pserver.config import ConfigError, JobConfig
 from pserver.coordinator import Coordinator
 from pserver.coordinator_rpc import SERVICE as COORDINATOR
 from pserver.coordinator_rpc import CoordinatorClient, CoordinatorServicer
 from pserver.errors import from_rpc_error
+from pserver.member import PserverMember
+from pserver.security import add_port, open_channel, server_interceptors
 from pserver.servicer import SERVICE, Servicer
 from pserver.shard import Shard
 
@@ -34,6 +36,11 @@ def channel_options(config: JobConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", size),
         ("grpc.max_receive_message_length", size),
+        # a restarted peer is reached again within a second, not after gRPC's default
+        # backoff of up to two minutes
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
 
 
@@ -41,14 +48,30 @@ def channel_options(config: JobConfig) -> list[tuple[str, int]]:
 class Pserver:
     server: grpc.Server
     port: int
-    shard: Shard
+    shard: Shard  # replaced by a restored one when the job rolls back
+    servicer: Servicer
     health: health.HealthServicer
     address: str  # where other processes reach it
     coordinator: Coordinator | None = None
+    member: PserverMember | None = None
+    metrics: pmetrics.ServerMetrics | pmetrics.NullServerMetrics = pmetrics.NULL
+    stopped: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None  # why the job failed, when it did
+
+    def fail(self, message: str) -> None:
+        """The job cannot go on: log why and stop serving (`run` exits 1)."""
+        log.error("pserver[%d]: %s", self.shard.pserver_id, message)
+        self.error = message
+        self.stopped.set()
 
     def stop(self, grace: float | None = None) -> None:
+        if self.member is not None:
+            self.member.stop()
+        if self.coordinator is not None:
+            self.coordinator.close()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.stop()
 
 
 def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
@@ -68,12 +91,16 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         futures.ThreadPoolExecutor(max_workers=config.rpc.server_threads,
                                    thread_name_prefix=role),
         options=channel_options(config),
+        interceptors=server_interceptors(config.rpc, role),
     )
-    server.add_generic_rpc_handlers((Servicer(shard, role).generic_handler(),))
+    metrics = pmetrics.for_pserver(config, pserver_id, shard)
+    servicer = Servicer(shard, role, metrics)
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
     services = [SERVICE]
     coordinator = None
     if config.checkpoint is not None and pserver_id == 0:
-        coordinator = _coordinator(config, shard)
+        coordinator = _coordinator(config, servicer)
+        metrics.watch_coordinator(coordinator)
         wait = config.rpc.checkpoint_timeout_s
         server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, wait)
                                          .generic_handler(),))
@@ -85,7 +112,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     )
     listen = f"{bind_host if bind_host is not None else host}:{port}"
     try:
-        bound = server.add_insecure_port(listen)
+        bound = add_port(server, listen, config.rpc, role)
     except RuntimeError as e:
         raise ConfigError(f"job.pservers[{pserver_id}]", f"cannot listen on {listen}: {e}") \
             from None
@@ -93,8 +120,10 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
         raise ConfigError(f"job.pservers[{pserver_id}]",
                           f"cannot listen on {listen} (port in use or host not local)")
     server.start()
-    ps = Pserver(server, bound, shard, health_servicer, f"{host}:{bound}", coordinator)
+    ps = Pserver(server, bound, shard, servicer, health_servicer, f"{host}:{bound}", coordinator,
+                 metrics=metrics)
     try:
+        metrics.start()
         _restore(ps)
     except BaseException:
         ps.stop(0)
@@ -104,12 +133,15 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
     return ps
 
 
-def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
+def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
+    """The coordinator, saving this pserver's shard in-process (the one serving at the time
+    of the save: a rollback replaces it) and the others' over gRPC."""
     storage = config.checkpoint.storage()
 
     background = config.checkpoint.background
 
     def save_shard(pserver_id: int, serial: int) -> Part | None:
+        shard = servicer.shard
         if pserver_id == shard.pserver_id:
             if background:
                 persist.save_shard_background(
@@ -118,7 +150,7 @@ def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
                 return None
             return persist.save_shard(shard, storage, serial)
         address = coordinator.address_of(pserver_id)
-        with grpc.insecure_channel(address, options=channel_options(config)) as ch:
+        with open_channel(address, config.rpc, channel_options(config)) as ch:
             call = ch.unary_unary(f"/{SERVICE}/SaveShard",
                                   request_serializer=pb.SaveShardRequest.SerializeToString,
                                   response_deserializer=pb.SaveShardResponse.FromString)
@@ -131,27 +163,23 @@ def _coordinator(config: JobConfig, shard: Shard) -> Coordinator:
         return Part.from_json(resp.part) if resp.part else None
 
     try:
-        coordinator = Coordinator(config, config.checkpoint, persist.job_facts(shard), save_shard)
+        coordinator = Coordinator(config, config.checkpoint, persist.job_facts(servicer.shard),
+                                  save_shard)
     except LockedError as e:
         raise ConfigError("checkpoint.checkpoint_dir", str(e)) from None
     return coordinator
 
 
 def _restore(ps: Pserver) -> None:
-    """Join the coordinator, load the checkpoint it names (if any), report ready."""
-    config, shard = ps.shard.config, ps.shard
+    """Join the coordinator, load the checkpoint it names (if any), report ready, and
+    heartbeat from then on (see `pserver.member`)."""
+    config = ps.shard.config
     if config.checkpoint is None:
         return
-    storage = config.checkpoint.storage()
+    ps.servicer.generation = None  # nothing is served before the restore
     coord = ps.coordinator if ps.coordinator is not None else CoordinatorClient(config)
-    try:
-        serial = coord.join_pserver(shard.pserver_id, ps.address)
-        if serial >= 0:
-            persist.load_shard(shard, storage, reader.load_manifest(storage, serial))
-        coord.ready(shard.pserver_id, serial)
-    finally:
-        if coord is not ps.coordinator:
-            coord.close()
+    ps.member = PserverMember(ps, coord)
+    ps.member.start()
 
 
 def run(config: JobConfig, pserver_id: int, port: int | None = None,
@@ -168,17 +196,19 @@ def run(config: JobConfig, pserver_id: int, port: int | None = None,
         tmp = Path(ready_file + ".tmp")
         tmp.write_text(f"{host}:{ps.port}\n")
         tmp.replace(ready_file)
-    stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s got %s, draining in-flight calls (up to %.1fs)", role,
                  signal.Signals(signum).name, config.rpc.grace_s)
-        stop.set()
+        ps.stopped.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    ps.stopped.wait()
     ps.stop(config.rpc.grace_s)
+    if ps.error is not None:
+        log.error("%s stopped: %s", role, ps.error)
+        return 1
     log.info("%s stopped", role)
     return 0
 

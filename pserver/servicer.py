@@ -16,11 +16,14 @@ from google.protobuf.message import DecodeError
 
 from pserver import codec, persist
 from pserver import psrt_pb2 as pb
-from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, status_of
+from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, Unavailable, status_of
+from pserver.metrics import NULL, NullServerMetrics, ServerMetrics
 from pserver.shard import Shard
 from pserver.wire import ROW_DTYPE, decode_tensor, encode_tensor
 
 SERVICE = "psrt.v1.ParameterServer"
+GENERATION_KEY = "psrt-generation"  # call metadata: the generation a trainer's call belongs to
+_DATA = ("Pull", "Push", "PullDense", "PushDense", "PullBatch", "PushBatch")
 log = logging.getLogger(__name__)
 
 
@@ -31,10 +34,28 @@ def remaining(context: grpc.ServicerContext, default: float) -> float:
 
 
 class Servicer:
-    def __init__(self, shard: Shard, role: str) -> None:
+    def __init__(self, shard: Shard, role: str,
+                 metrics: ServerMetrics | NullServerMetrics = NULL) -> None:
         self.shard = shard
         self.role = role
+        self.metrics = metrics
         self.default_wait = shard.config.rpc.deadline_s
+        # the generation served: 0 with no coordinator (nothing fenced), None while recovering
+        self.generation: int | None = 0
+
+    def check_generation(self, name: str, ctx: grpc.ServicerContext) -> None:
+        """Fence off data calls from before a rollback, and any while this pserver restores."""
+        gen = self.generation
+        if gen is None:
+            raise Unavailable(f"{name}: {self.role} is restoring a checkpoint (the job is "
+                              f"recovering); join again")
+        if gen == 0:
+            return
+        for key, value in ctx.invocation_metadata() or ():
+            if key == GENERATION_KEY and value != str(gen):
+                raise FailedPrecondition(f"{name}: the call belongs to generation {value}, "
+                                         f"{self.role} serves generation {gen} (the job rolled "
+                                         f"back); join again")
 
     # Pull and Push carry the bulk of the bytes: `codec` reads and writes them without copies.
 
@@ -43,6 +64,7 @@ class Servicer:
         self._check_answer_size(req.table, len(req.ids))
         rows = self.shard.pull(req.table, req.ids, req.trainer_id, req.step,
                                remaining(ctx, self.default_wait))
+        self.metrics.pulled(req.table, rows)
         return codec.encode_pull_response(rows)
 
     def _check_answer_size(self, table: str, n: int) -> None:
@@ -61,17 +83,20 @@ class Servicer:
         grads = req.grads.array(raw, "Push: grads")
         applied = self.shard.push(req.table, req.ids, grads, req.trainer_id, req.step,
                                   remaining(ctx, self.default_wait))
+        self.metrics.pushed(req.table, grads)
         return codec.encode_push_response(applied)
 
     def PullDense(self, req: pb.DensePullRequest, ctx: grpc.ServicerContext) -> Any:
         values = self.shard.pull_dense(list(req.names), req.trainer_id, req.step,
                                        remaining(ctx, self.default_wait))
+        self.metrics.dense_pulled(values)
         return pb.DensePullResponse(values=[encode_tensor(v) for v in values])
 
     def PushDense(self, req: pb.DensePushRequest, ctx: grpc.ServicerContext) -> Any:
         grads = [decode_tensor(t, f"PushDense: grads[{i}]") for i, t in enumerate(req.grads)]
         applied = self.shard.push_dense(list(req.names), grads, req.trainer_id, req.step,
                                         remaining(ctx, self.default_wait))
+        self.metrics.dense_pushed(grads)
         return pb.DensePushResponse(applied_steps=applied)
 
     def Info(self, req: pb.InfoRequest, ctx: grpc.ServicerContext) -> pb.InfoResponse:
@@ -94,6 +119,7 @@ class Servicer:
             self._check_answer_size(name, len(ids))
         rows, values = self.shard.pull_batch(tables, dense, trainer_id, step,
                                              remaining(ctx, self.default_wait))
+        self.metrics.pulled_batch(tables, rows, values)
         return codec.encode_pull_batch_response(rows, values)
 
     def PushBatch(self, raw: bytes, ctx: grpc.ServicerContext) -> bytes:
@@ -102,6 +128,7 @@ class Servicer:
         grads = [g.array(raw, f"PushBatch: dense_grads[{i}]") for i, g in enumerate(dense_grads)]
         applied = self.shard.push_batch(sparse, dense, grads, trainer_id, step,
                                         remaining(ctx, self.default_wait))
+        self.metrics.pushed_batch(sparse, grads)
         return codec.encode_push_response(applied)
 
     def SaveShard(self, req: pb.SaveShardRequest, ctx: grpc.ServicerContext) -> Any:
@@ -135,9 +162,12 @@ class Servicer:
     def _wrap(self, name: str, request_type: Any) -> Callable[[bytes, Any], bytes]:
         method = getattr(self, name)
         bulk = name in ("Pull", "Push", "PullBatch", "PushBatch")
+        data = name in _DATA
 
         def handler(raw: bytes, ctx: grpc.ServicerContext) -> bytes:
             try:
+                if data:
+                    self.check_generation(name, ctx)
                 if bulk:
                     return method(raw, ctx)
                 return method(request_type.FromString(raw), ctx).SerializeToString()
@@ -151,7 +181,7 @@ class Servicer:
                 log.exception("%s %s failed", self.role, name)
                 ctx.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {e!r}")
 
-        return handler
+        return self.metrics.timed(name, handler)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         methods = {

@@ -18,7 +18,13 @@ import numpy as np
 
 from pserver import sharding
 from pserver.config import JobConfig
-from pserver.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from pserver.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from pserver.table import DenseVariable, SparseTable
 from pserver.wire import check_finite
 
@@ -31,11 +37,15 @@ class StepGate:
         self.applied = 0
         self.pending: dict[int, Any] = {}
         self.cond = threading.Condition()
+        self.fenced: str | None = None  # why this shard no longer serves (a rollback)
 
     def wait_for(self, step: int, timeout: float, where: str, num_trainers: int) -> None:
         """Block until every step before `step` is applied."""
         with self.cond:
-            if self.cond.wait_for(lambda: self.applied >= step, timeout=max(0.0, timeout)):
+            if self.cond.wait_for(lambda: self.applied >= step or self.fenced is not None,
+                                  timeout=max(0.0, timeout)):
+                if self.fenced is not None:
+                    raise Unavailable(f"{where}: {self.fenced}")
                 return
             missing = [j for j in range(num_trainers) if j not in self.pending]
             raise DeadlineExceeded(
@@ -58,6 +68,14 @@ class Shard:
             if config.dense_owner(d.name) == pserver_id
         }
         self.gates = {name: StepGate(name) for name in [*self.tables, *self.dense]}
+
+    def fence(self, reason: str) -> None:
+        """Stop serving: calls waiting for a step fail with UNAVAILABLE (a rollback replaces
+        this shard with one restored from a checkpoint)."""
+        for gate in self.gates.values():
+            with gate.cond:
+                gate.fenced = reason
+                gate.cond.notify_all()
 
     # ---- checks -------------------------------------------------------------
 
@@ -212,6 +230,8 @@ class Shard:
         self._check_step(gate, trainer_id, step, where)
         gate.wait_for(step, timeout, where, self.config.num_trainers)
         with gate.cond:
+            if gate.fenced is not None:
+                raise Unavailable(f"{where}: {gate.fenced}")
             self._check_step(gate, trainer_id, step, where)
             gate.pending[trainer_id] = payload
             if len(gate.pending) == self.config.num_trainers:

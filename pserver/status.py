@@ -14,13 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckpt import reader
 from pserver import psrt_pb2 as pb
-from pserver.config import JobConfig
+from pserver.config import JobConfig, RpcConfig
+from pserver.security import open_channel
 from pserver.servicer import SERVICE
 
 
-def _one(address: str, timeout: float) -> tuple[str, pb.InfoResponse | None, str]:
+def _one(address: str, timeout: float, rpc: RpcConfig) -> tuple[str, pb.InfoResponse | None, str]:
     """(health, info or None, error) of the pserver at `address`."""
-    with grpc.insecure_channel(address) as ch:
+    with open_channel(address, rpc) as ch:
         try:
             health = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)
@@ -40,7 +41,7 @@ def report(config: JobConfig, timeout: float = 2.0) -> tuple[str, bool]:
                  "tables")
     all_ok = True
     for i, address in enumerate(config.pservers):
-        health, info, error = _one(address, timeout)
+        health, info, error = _one(address, timeout, config.rpc)
         if info is None:
             all_ok = False
             lines.append(f"{f'pserver[{i}]':<11} {address:<22} {health:<14} {'-':>6} "

@@ -61,6 +61,12 @@ class SparseTable:
         """Bytes of live rows: ids, values and optimizer state."""
         return sum(a[: self._size].nbytes for a in self._arrays.values())
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes allocated: the arrays (grown by doubling) and the snapshot buffers."""
+        arrays = list(self._arrays.values()) + list(self._snapshots.values())
+        return sum(a.nbytes for a in arrays)
+
     def _rows_for(self, ids: np.ndarray) -> np.ndarray:
         """Row numbers of `ids`, creating absent rows with their initial values.
 

@@ -31,12 +31,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_job(data_dir: Path, workdir: Path, ckdir: Path, num_pservers: int = 2,
-              num_trainers: int = 2, epochs: int = 2, **checkpoint: Any) -> Path:
+              num_trainers: int = 2, epochs: int = 2, recovery: dict | None = None,
+              **checkpoint: Any) -> Path:
     doc = demo_job(str(data_dir / "train.txt"), str(data_dir / "train.holdout.txt"),
                    num_pservers, num_trainers, epochs, MODEL)
     doc["trainer"].update(batch_size=128, progress="log", log_every=1)
     doc["checkpoint"] = {"checkpoint_dir": str(ckdir), "max_num_checkpoints": 3,
                          "epoch_interval": 1, "step_interval": 4, **checkpoint}
+    doc["recovery"] = {"heartbeat_s": 0.2, "liveness_timeout_s": 2.0, **(recovery or {})}
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "job.toml"
     path.write_text(dump_toml(doc))
@@ -148,17 +150,22 @@ def _pid_of(job: Path, role: str, ident: int) -> int:
     raise AssertionError(f"no {role} {ident} process")
 
 
-@pytest.mark.parametrize("role,ident,moment,background", [
-    ("pserver", 0, "step", False), ("pserver", 1, "step", False),
-    ("trainer", 0, "step", False), ("trainer", 1, "step", False),
-    ("pserver", 1, "save", False), ("trainer", 0, "save", False),
-    ("pserver", 1, "save", True), ("trainer", 1, "step", True),
+@pytest.mark.parametrize("role,ident,moment,background,heal", [
+    ("pserver", 0, "step", False, True), ("pserver", 1, "step", False, True),
+    ("trainer", 0, "step", False, True), ("trainer", 1, "step", False, True),
+    ("pserver", 1, "save", False, True), ("trainer", 0, "save", False, True),
+    ("pserver", 1, "save", True, True), ("trainer", 1, "step", True, True),
+    ("pserver", 1, "step", False, False), ("trainer", 0, "save", False, False),
 ])
-def test_sigkill_then_restart_ends_bit_identical(data_dir: Path, tmp_path: Path,
-                                                 reference: dict, role: str, ident: int,
-                                                 moment: str, background: bool) -> None:
+def test_sigkill_ends_bit_identical(data_dir: Path, tmp_path: Path, reference: dict, role: str,
+                                    ident: int, moment: str, background: bool,
+                                    heal: bool) -> None:
+    """heal: the launcher starts the killed process again and the job rolls back by itself,
+    the other processes untouched; else (recovery.max_restarts=0) the launcher stops the
+    job and running it again resumes it."""
     ckdir = tmp_path / "ckpt"
-    job = write_job(data_dir, tmp_path, ckdir, background=background)
+    job = write_job(data_dir, tmp_path, ckdir, background=background,
+                    recovery=None if heal else {"max_restarts": 0})
     env = python_env()
     rng = np.random.default_rng(zlib.crc32(f"{role}{ident}{moment}{background}".encode()))
     if moment == "save":
@@ -182,11 +189,24 @@ def test_sigkill_then_restart_ends_bit_identical(data_dir: Path, tmp_path: Path,
                 break
     else:
         pytest.fail("the job ended before the kill")
-    os.kill(_pid_of(job, "pserver" if role == "pserver" else "trainer", ident), signal.SIGKILL)
-    p.communicate(timeout=120)
-    assert p.returncode != 0
-    out = run_to_end(job)  # restart the whole job: it resumes and runs to the end
-    assert "restored checkpoint_" in out
+    kind = "pserver" if role == "pserver" else "trainer"
+    others = [(r, i) for r in ("pserver", "trainer") for i in (0, 1) if (r, i) != (kind, ident)]
+    os.kill(_pid_of(job, kind, ident), signal.SIGKILL)
+    if heal:
+        rest, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, rest
+        assert f"launch: {kind}[{ident}] exited with code -9; starting it again" in rest
+        assert "rolled back from global step" in rest
+        if (kind, ident) != ("pserver", 0):  # else the coordinator restarted with the process
+            assert "rolling the job back" in rest
+        for r, i in others:  # nobody else was restarted
+            assert f"{r}[{i}] exited" not in rest
+        out = rest
+    else:
+        p.communicate(timeout=120)
+        assert p.returncode != 0
+        out = run_to_end(job)  # restart the whole job: it resumes and runs to the end
+        assert "restored checkpoint_" in out
     assert_identical(final_state(ckdir), reference)
     if moment == "save":  # the torn checkpoint was never restored
         assert f"restored checkpoint_{at}" not in out

@@ -5,6 +5,7 @@
     python -m trainer launch [--config job.toml]      P pservers + T trainers on loopback
                                                       (default: the built-in demo job)
     python -m trainer datagen OUT --examples N        synthetic Criteo-format data
+    python -m trainer plot RUN_DIR                    training curves as a PNG
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trainer.train()
+    except pscfg.ConfigError as e:  # e.g. a TLS file, the token, or metrics.port in use
+        print(f"{role}: config error: {e}", file=sys.stderr)
+        return 2
     except LockedError as e:
         print(f"{role}: {e}", file=sys.stderr)
         return 2
@@ -81,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.datagen import main as datagen_main
 
         return datagen_main(argv[1:]) or 0
+    if argv and argv[0] == "plot":
+        from trainer.plot import main as plot_main
+
+        return plot_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,15 +5,26 @@
 Without --config it runs the built-in demo job (generated data, see
 `trainer.demo`). Every child's output is shown line by line, prefixed with its
 role and id. When every trainer has finished, the pservers are stopped and the
-launcher exits 0. If any process fails, or on Ctrl-C, everything is stopped
-(SIGTERM, then SIGKILL) and the launcher exits non-zero naming the role. Each
-child dies with the launcher (PR_SET_PDEATHSIG), so none is orphaned.
+launcher exits 0. A process that dies is started again (a pserver on the same
+port), up to `recovery.max_restarts` times each, when the job has a
+[checkpoint] section: the job rolls back to its newest complete checkpoint
+and goes on without restarting the others. Otherwise, past that, or on
+Ctrl-C, everything is stopped (SIGTERM, then SIGKILL) and the launcher exits
+non-zero naming the role. Each child dies with the launcher
+(PR_SET_PDEATHSIG), so none is orphaned. `WORKDIR/pids.json` names every
+child's pid.
+
+Trainers append their training curves to WORKDIR/curves (unless the job file
+sets metrics.curves_dir); when the job ends the launcher plots them to
+CURVES_DIR/curves.png if matplotlib is installed. With metrics on, each process
+writes its metrics target to WORKDIR/targets (unless metrics.targets_dir is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pserver import config as pscfg
+from trainer.metrics_export import launch_overrides
+from trainer.plot import after_launch
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,6 +53,9 @@ class Child:
     role: str
     proc: subprocess.Popen
     pump: threading.Thread
+    args: list[str]
+    env: dict[str, str]
+    restarts: int = 0
 
 
 def _pump(role: str, stream, out) -> None:  # noqa: ANN001
@@ -54,7 +70,21 @@ def _spawn(role: str, args: list[str], env: dict[str, str]) -> Child:
                             preexec_fn=_die_with_parent, start_new_session=True)
     pump = threading.Thread(target=_pump, args=(role, proc.stdout, sys.stdout), daemon=True)
     pump.start()
-    return Child(role, proc, pump)
+    return Child(role, proc, pump, args, env)
+
+
+def _write_pids(children: list[Child], workdir: Path) -> None:
+    tmp = workdir / "pids.json.tmp"
+    tmp.write_text(json.dumps({c.role: c.proc.pid for c in children}, indent=1))
+    tmp.replace(workdir / "pids.json")
+
+
+def _restart(child: Child, port: str | None) -> None:
+    """Start a dead child again with its arguments (a pserver on the port it had)."""
+    child.pump.join(2)
+    args = child.args + (["--port", port] if port is not None else [])
+    new = _spawn(child.role, args, child.env)
+    child.proc, child.pump, child.restarts = new.proc, new.pump, child.restarts + 1
 
 
 def _stop(children: list[Child], grace: float) -> None:
@@ -90,6 +120,7 @@ def _wait_ready(children: list[Child], files: list[Path], timeout: float) -> lis
 
 def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
     """Run the job; returns the exit code (0 when every trainer finished)."""
+    overrides = [*overrides, *launch_overrides(pscfg.load(config_path, overrides), workdir)]
     job = pscfg.load(config_path, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -105,6 +136,7 @@ def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
         # pserver 0 hosts the coordinator: the others need its bound address to join
         children.append(_spawn("pserver[0]", ["-m", "pserver", "--id", "0", "--ready-file",
                                               str(ready[0]), *base], env))
+        _write_pids(children, workdir)
         first = _wait_ready(children, ready[:1], job.rpc.connect_timeout_s)[0]
         known = "job.pservers=[" + ",".join(f'"{a}"' for a in (first, *job.pservers[1:])) + "]"
         for i in range(1, job.num_pservers):
@@ -117,13 +149,17 @@ def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
                                              "--set", bound], env)
                     for j in range(job.num_trainers)]
         children += trainers
-        return _supervise(children, trainers, interrupted, job.rpc.grace_s)
+        _write_pids(children, workdir)
+        ports = {f"pserver[{i}]": a.rpartition(":")[2] for i, a in enumerate(addrs)}
+        restarts = job.recovery.max_restarts if job.checkpoint is not None else 0
+        return _supervise(children, trainers, interrupted, restarts, ports, workdir)
     finally:
         _stop(children, job.rpc.grace_s)
+        print(f"launch: {after_launch(job.metrics.curves_dir)}", file=sys.stderr)
 
 
 def _supervise(children: list[Child], trainers: list[Child], interrupted: threading.Event,
-               grace: float) -> int:
+               max_restarts: int, ports: dict[str, str], workdir: Path) -> int:
     while True:
         if interrupted.is_set():
             print("launch: interrupted; stopping every process", file=sys.stderr)
@@ -131,8 +167,16 @@ def _supervise(children: list[Child], trainers: list[Child], interrupted: thread
         for c in children:
             code = c.proc.poll()
             if code not in (None, 0) or (code == 0 and c not in trainers):
-                print(f"launch: {c.role} exited with code {code}; stopping the job",
-                      file=sys.stderr)
+                if c.restarts < max_restarts and code != 2:  # 2: bad config or usage
+                    print(f"launch: {c.role} exited with code {code}; starting it again "
+                          f"({c.restarts + 1} of recovery.max_restarts={max_restarts})",
+                          file=sys.stderr)
+                    _restart(c, ports.get(c.role))
+                    _write_pids(children, workdir)
+                    continue
+                more = f" {max_restarts} times already" if max_restarts else ""
+                print(f"launch: {c.role} exited with code {code}{more and '; restarted' + more}"
+                      f"; stopping the job", file=sys.stderr)
                 return code or 1
         if all(t.proc.poll() == 0 for t in trainers):
             print("launch: every trainer finished; stopping the pservers", file=sys.stderr)

@@ -23,11 +23,14 @@ import numpy as np
 from ckpt import CheckpointConfig
 from pserver import config as pscfg
 from pserver.client import PSClient
+from pserver.coordinator import CheckpointFailed
+from pserver.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from trainer import data as tdata
 from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerSettings, model_for, settings
 from trainer.local import LocalClient
 from trainer.metrics import auc, logloss
+from trainer.metrics_export import TrainerExport
 from trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,11 @@ class Trainer:
                                           self.settings.batch_size, self.job.seed)
         self.client: PSClient | LocalClient | None = None
         self.checkpointer: Checkpointer | None = None
+        self.finished = False
+        self.rollbacks = 0
+        self.lost_steps = 0  # steps redone because the job rolled back
         self._pending_push: Callable[[], int] | None = None  # the last step's push answers
+        self.export = TrainerExport(self.job, trainer_id)  # metrics and training curves
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
         s = self.settings
@@ -124,9 +131,17 @@ class Trainer:
                 self.checkpointer.restore()
         return self.client
 
+    def reset_counters(self) -> None:
+        """Back to the start of training (a rollback to before the first checkpoint)."""
+        self.reader = tdata.TrainerReader(self.train_data, self.trainer_id,
+                                          self.job.num_trainers, self.settings.batch_size,
+                                          self.job.seed)
+        self.global_step = 0
+
     def close(self) -> None:
+        self.export.close()
         if self.checkpointer is not None:
-            self.checkpointer.close()
+            self.checkpointer.close(finished=self.finished)
             self.checkpointer = None
         if self.client is not None:
             self.client.close()
@@ -194,7 +209,35 @@ class Trainer:
         """Train `num_epochs` (default: trainer.epochs); returns the last epoch's metrics."""
         epochs = self.settings.epochs if num_epochs is None else num_epochs
         handler = event_handler or (lambda event: None)
+        self.export.start()
         self.connect()
+        while True:
+            try:
+                metrics = self._train(epochs, handler)
+                self.finished = True
+                return metrics
+            except (FailedPrecondition, Unavailable, DeadlineExceeded) as e:
+                if self.standalone or self.checkpointer is None \
+                        or isinstance(e, CheckpointFailed):
+                    raise
+                self._rejoin(e)
+
+    def _rejoin(self, error: Exception) -> None:
+        """The job is rolling back (or a peer is gone): drop this step, join again, and go
+        on from the checkpoint the job restores."""
+        log.warning("%s: %s; joining the job again", self.role, error)
+        self._pending_push = None
+        before = self.global_step
+        serial = self.checkpointer.restore()
+        self.client.wait_ready()
+        self.export.recovered(serial, self.global_step)
+        self.rollbacks += 1
+        self.lost_steps += max(0, before - self.global_step)
+        log.warning("%s rolled back from global step %d to %d (checkpoint_%d, generation %d); "
+                    "%d steps to redo", self.role, before, self.global_step, serial,
+                    self.client.generation, max(0, before - self.global_step))
+
+    def _train(self, epochs: int, handler: Callable[[Event], None]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         r = self.reader
         progress = Progress(self.role, self.settings.progress, self.settings.log_every,
@@ -214,6 +257,7 @@ class Trainer:
                 loss = self.step(batch)
                 progress.update(loss)
                 handler(EndStepEvent(epoch, step_id, self.global_step, loss))
+                self.export.step(epoch, self.global_step, loss, len(batch))
                 if self.checkpointer is not None:
                     last = epoch == epochs - 1 and r.position == r.steps_per_epoch
                     self.checkpointer.after_step(epoch, step_id, last)
@@ -227,6 +271,7 @@ class Trainer:
                     log.info("%s epoch %d: held-out logloss %.5f, AUC %.5f (%d examples)",
                              self.role, epoch, metrics["logloss"], metrics["auc"],
                              metrics["examples"])
+                self.export.evaluated(epoch, self.global_step, metrics)
             handler(EndEpochEvent(epoch, metrics))
         return metrics
 
