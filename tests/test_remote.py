@@ -288,23 +288,30 @@ def final_state(storage: Storage) -> dict:
     return reader.read_all(storage, manifest)
 
 
-@pytest.mark.e2e
-def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
-        data_dir: Path, tmp_path: Path, endpoint: str, bucket: str) -> None:
-    """2 pservers, 2 trainers, sync: pserver 1 is killed in the middle of writing a
-    checkpoint to S3; the restarted job skips the torn one and ends as an uninterrupted
-    job that checkpoints to a local directory."""
-    local = write_job(data_dir, tmp_path / "local", tmp_path / "local" / "ckpt", epochs=1)
-    p = launch(local)
+@pytest.fixture(scope="module")
+def local_reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final parameters of the job, never interrupted, checkpointing to a local dir."""
+    work = tmp_path_factory.mktemp("local")
+    p = launch(write_job(data_dir, work, work / "ckpt", epochs=1))
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
-    expected = final_state(LocalStorage(tmp_path / "local" / "ckpt"))
+    return final_state(LocalStorage(work / "ckpt"))
 
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("heal", [False, True])
+def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
+        data_dir: Path, tmp_path: Path, endpoint: str, bucket: str, local_reference: dict,
+        heal: bool) -> None:
+    """2 pservers, 2 trainers, sync: pserver 1 is killed in the middle of writing a
+    checkpoint to S3. heal: the launcher starts it again and it rolls back from S3; else
+    the job stops and, run again, restores from S3. Either way the torn checkpoint is
+    skipped and the job ends as the uninterrupted one that checkpointed locally."""
     url = f"s3://{bucket}/jobs/demo"
     job = write_job(data_dir, tmp_path / "s3", url, epochs=1,  # type: ignore[arg-type]
-                    storage_options={"endpoint_url": endpoint})
-    env = {**python_env(), **CREDS, "PSRT_FAULT_SAVE_SLEEP_S": "2"}
-    p = launch(job, env=env)
+                    storage_options={"endpoint_url": endpoint},
+                    recovery=None if heal else {"max_restarts": 0})
+    p = launch(job, env={**python_env(), **CREDS, "PSRT_FAULT_SAVE_SLEEP_S": "2"})
     at = 2
     for line in p.stdout:
         m = re.search(r"writing checkpoint_(\d+)", line)
@@ -313,19 +320,27 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
     else:
         pytest.fail("the job ended before the kill")
     os.kill(_pid_of(job, "pserver", 1), signal.SIGKILL)
-    p.communicate(timeout=120)
-    assert p.returncode != 0
     storage = open_storage(url, options(endpoint))
-    torn = [e for e in reader.entries(storage) if e.serial == at]
-    assert torn and not torn[0].complete  # on S3, parts of it, without _SUCCESS
-    p = launch(job, env={**python_env(), **CREDS})
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
+    if heal:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+        assert "launch: pserver[1] exited with code -9; starting it again" in out
+        assert "rolled back from global step" in out
+    else:
+        p.communicate(timeout=120)
+        assert p.returncode != 0
+        torn = [e for e in reader.entries(storage) if e.serial == at]
+        assert torn and not torn[0].complete  # on S3, parts of it, without _SUCCESS
+        p = launch(job, env={**python_env(), **CREDS})
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
     assert f"restored checkpoint_{at - 1}" in out and f"restored checkpoint_{at}" not in out
-    assert_identical(final_state(storage), expected)
+    assert_identical(final_state(storage), local_reference)
     entries = reader.entries(storage)
     assert len(entries) == 3  # rotation on S3 keeps max_num_checkpoints ...
     assert all(e.problem is None for e in entries)  # ... and the torn leftover is gone
+    if heal:
+        return
     # a second job on the same S3 directory is refused, naming the holder
     other = write_job(data_dir, tmp_path / "other", url, epochs=1,  # type: ignore[arg-type]
                       storage_options={"endpoint_url": endpoint})
