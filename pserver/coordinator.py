@@ -137,11 +137,17 @@ class Coordinator:
             return self.restore_serial
 
     def heartbeat(self, role: str, i: int, incarnation: str, step: int = 0,
-                  finished: bool = False) -> tuple[int, int, bool]:
+                  finished: bool = False, generation: int = 0) -> tuple[int, int, bool]:
         """(generation, its restore serial, running) for a member that is alive."""
         with self._cond:
-            self.members.heartbeat(role, i, incarnation, step, finished)
+            self.members.heartbeat(role, i, incarnation, step, finished, generation)
             return self.members.generation, self.restore_serial, self.members.running
+
+    def describe(self) -> dict:
+        """Membership, generation and the restore point, for `python -m pserver status`."""
+        with self._cond:
+            return {**self.members.describe(), "restore_serial": self.restore_serial,
+                    "writing": self._serial}
 
     def _on_rollback(self, reason: str) -> None:
         """(Under the lock.) Abandon the checkpoint being written; restore the newest."""

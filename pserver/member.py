@@ -54,6 +54,8 @@ class PserverMember:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        if self.coord is not self.ps.coordinator:
+            self.coord.close()  # a CoordinatorClient's channel
 
     def rejoin_soon(self, reason: str) -> None:
         """Fence the shard now; restore in the background (heartbeats go on meanwhile)."""

@@ -62,7 +62,14 @@ class Pserver:
         """The job cannot go on: log why and stop serving (`run` exits 1)."""
         log.error("pserver[%d]: %s", self.shard.pserver_id, message)
         self.error = message
-        self.stopped.set()
+        if self.coordinator is None:
+            self.stopped.set()
+            return
+        # the coordinator's host lingers a few heartbeats so the others hear why
+        linger = threading.Timer(3 * self.shard.config.recovery.heartbeat_s + 0.5,
+                                 self.stopped.set)
+        linger.daemon = True
+        linger.start()
 
     def stop(self, grace: float | None = None) -> None:
         if self.member is not None:
