@@ -15,7 +15,7 @@ import numpy as np
 
 from ckpt import layout
 from ckpt.manifest import Manifest
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Entry:
     problem: str | None  # why it does not count, or None
 
 
-def _load_manifest(storage: LocalStorage, serial: int) -> tuple[Manifest | None, str | None]:
+def _load_manifest(storage: Storage, serial: int) -> tuple[Manifest | None, str | None]:
     base = layout.checkpoint_name(serial)
     if not storage.exists(f"{base}/{layout.SUCCESS}"):
         return None, "no _SUCCESS (torn or still being written)"
@@ -40,7 +40,7 @@ def _load_manifest(storage: LocalStorage, serial: int) -> tuple[Manifest | None,
         return None, f"MANIFEST.json is unreadable: {e}"
 
 
-def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
+def load_manifest(storage: Storage, serial: int) -> Manifest:
     """The manifest of a committed checkpoint; ValueError says why there is none."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
@@ -48,7 +48,7 @@ def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
     return manifest
 
 
-def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
+def verify(storage: Storage, serial: int, deep: bool = True) -> list[str]:
     """Problems of checkpoint `serial` (empty: intact). `deep` also checks every checksum."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
@@ -57,13 +57,14 @@ def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
         return [f"MANIFEST.json says serial {manifest.serial}"]
     problems = []
     base = layout.checkpoint_name(serial)
+    present = storage.sizes(base)  # one listing (one request on an object store)
     for rel, want in sorted(manifest.files.items()):
         path = f"{base}/{rel}"
-        if not storage.exists(path):
+        if rel not in present:
             problems.append(f"{rel}: missing")
             continue
         if not deep:
-            size = storage.size(path)
+            size = present[rel]
             if size != want["size"]:
                 problems.append(f"{rel}: size {size}, manifest says {want['size']}")
             continue
@@ -76,7 +77,7 @@ def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
     return problems
 
 
-def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
+def entries(storage: Storage, deep: bool = False) -> list[Entry]:
     """Every `checkpoint_<serial>` entry, oldest first; other names are ignored."""
     out = []
     for name in storage.listdir():
@@ -91,7 +92,7 @@ def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
     return sorted(out, key=lambda e: e.serial)
 
 
-def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None:
+def newest_complete(storage: Storage, deep: bool = True) -> Manifest | None:
     """The newest checkpoint that is complete and intact; damaged ones are skipped with a
     warning saying what is wrong."""
     for e in reversed(entries(storage, deep=False)):
@@ -107,13 +108,13 @@ def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None
     return None
 
 
-def max_serial(storage: LocalStorage) -> int:
+def max_serial(storage: Storage) -> int:
     """The largest serial of any entry, complete or not; -1 when there is none."""
     serials = [layout.parse_serial(n) for n in storage.listdir()]
     return max((s for s in serials if s is not None), default=-1)
 
 
-def read_trainer(storage: LocalStorage, serial: int, trainer_id: int) -> tuple[int, int, dict]:
+def read_trainer(storage: Storage, serial: int, trainer_id: int) -> tuple[int, int, dict]:
     """(epoch_id, step_id, reader_state) of a trainer."""
     base = layout.checkpoint_name(serial)
 
@@ -123,11 +124,11 @@ def read_trainer(storage: LocalStorage, serial: int, trainer_id: int) -> tuple[i
     return int(text("epoch_id")), int(text("step_id")), json.loads(text("reader_state"))
 
 
-def read_dense(storage: LocalStorage, serial: int, name: str, array: str = "value") -> np.ndarray:
+def read_dense(storage: Storage, serial: int, name: str, array: str = "value") -> np.ndarray:
     return storage.read_array(f"{layout.checkpoint_name(serial)}/{layout.dense_file(name, array)}")
 
 
-def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: list[str],
+def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[str],
                vshard_lo: int, vshard_hi: int) -> dict[str, np.ndarray]:
     """The rows of virtual shards [lo, hi) of a table, from every old pserver's files
     ({} when there are none).
@@ -155,7 +156,7 @@ def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: li
     return {a: (v[0] if len(v) == 1 else np.concatenate(v)) for a, v in pieces.items() if v}
 
 
-def read_all(storage: LocalStorage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+def read_all(storage: Storage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
     """Every table (rows sorted by id) and dense variable of a checkpoint, in memory:
     {"table/NAME": {"ids", "values", state...}, "dense/NAME": {"value", state...}}."""
     out: dict[str, dict[str, np.ndarray]] = {}

@@ -6,12 +6,12 @@ import logging
 
 from ckpt import layout
 from ckpt.reader import entries
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def rotate(storage: LocalStorage, keep: int) -> list[int]:
+def rotate(storage: Storage, keep: int) -> list[int]:
     """Delete complete checkpoints beyond the newest `keep`, and incomplete leftovers older
     than the newest complete one; returns the deleted serials. Entries newer than the
     newest complete checkpoint are left alone (a save may be writing them)."""

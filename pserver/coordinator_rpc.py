@@ -7,6 +7,7 @@ join_trainer, barrier, commit), so a trainer drives an in-process coordinator
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ _METHODS = {
     "Commit": (pb.CommitRequest, pb.CommitResponse),
     "ReportPart": (pb.ReportPartRequest, pb.ReportPartResponse),
     "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatResponse),
+    "Members": (pb.MembersRequest, pb.MembersResponse),
 }
 
 
@@ -59,8 +61,11 @@ class CoordinatorServicer:
 
     def Heartbeat(self, req: pb.HeartbeatRequest, ctx: grpc.ServicerContext) -> Any:
         gen, serial, running = self.c.heartbeat(req.role, req.id, req.incarnation,
-                                                req.global_step, req.finished)
+                                                req.global_step, req.finished, req.generation)
         return pb.HeartbeatResponse(generation=gen, serial=serial, running=running)
+
+    def Members(self, req: pb.MembersRequest, ctx: grpc.ServicerContext) -> Any:
+        return pb.MembersResponse(json=json.dumps(self.c.describe()))
 
     def Barrier(self, req: pb.BarrierRequest, ctx: grpc.ServicerContext) -> pb.BarrierResponse:
         serial = self.c.barrier(req.trainer_id, req.global_step, req.epoch_id, req.step_id,
@@ -153,9 +158,9 @@ class CoordinatorClient:
         return resp.serial
 
     def heartbeat(self, role: str, i: int, incarnation: str, step: int = 0,
-                  finished: bool = False) -> tuple[int, int, bool]:
+                  finished: bool = False, generation: int = 0) -> tuple[int, int, bool]:
         req = pb.HeartbeatRequest(role=role, id=i, incarnation=incarnation, global_step=step,
-                                  finished=finished)
+                                  finished=finished, generation=generation)
         resp = self._call("Heartbeat", req, self.heartbeat_deadline)
         return resp.generation, resp.serial, resp.running
 
@@ -171,6 +176,10 @@ class CoordinatorClient:
                                    part=part.to_json() if part is not None else "",
                                    error=error or "")
         self._call("ReportPart", req, self.deadline, retry_unavailable=True)
+
+    def describe(self, timeout: float | None = None) -> dict:
+        return json.loads(self._call("Members", pb.MembersRequest(),
+                                     timeout or self.deadline).json)
 
     def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
                timeout: float | None = None) -> int:

@@ -51,7 +51,7 @@ class Heartbeat:
         if final:
             try:
                 gen, step, _ = self.state()
-                self.coord.heartbeat(self.role, self.id, self.incarnation, step, True)
+                self.coord.heartbeat(self.role, self.id, self.incarnation, step, True, gen)
             except PsrtError as e:
                 log.debug("%s[%d]: the last heartbeat failed: %s", self.role, self.id, e)
 
@@ -62,7 +62,7 @@ class Heartbeat:
             gen, step, finished = self.state()
             try:
                 job_gen, _serial, _running = self.coord.heartbeat(
-                    self.role, self.id, self.incarnation, step, finished)
+                    self.role, self.id, self.incarnation, step, finished, gen)
             except JobFailed as e:
                 self.on_fatal(str(e))
                 return

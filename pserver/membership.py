@@ -35,6 +35,7 @@ class Member:
     heartbeats: bool = False  # watched for liveness once it has sent one
     step: int = 0
     finished: bool = False
+    generation: int = 0  # the one it serves, as its last heartbeat said (0: restoring)
 
 
 class Membership:
@@ -80,7 +81,8 @@ class Membership:
         self.ready.add(i)
         self._maybe_run()
 
-    def heartbeat(self, role: str, i: int, incarnation: str, step: int, finished: bool) -> None:
+    def heartbeat(self, role: str, i: int, incarnation: str, step: int, finished: bool,
+                  generation: int = 0) -> None:
         self._check(role, i)
         if self.fatal is not None:
             raise JobFailed(self.fatal)
@@ -89,6 +91,7 @@ class Membership:
             raise FailedPrecondition(f"Heartbeat: {role}[{i}] (incarnation {incarnation!r}) has "
                                      f"not joined this coordinator; join again")
         m.last_seen, m.heartbeats, m.step, m.finished = time.monotonic(), True, step, finished
+        m.generation = generation
 
     def rollback(self, reason: str) -> None:
         self.generation += 1
@@ -155,7 +158,9 @@ class Membership:
         now = time.monotonic()
         return {"generation": self.generation, "running": self.running,
                 "rollbacks": self.rollbacks, "fatal": self.fatal,
-                "members": {f"{r}[{i}]": {"step": m.step, "silent_s": now - m.last_seen,
-                                          "finished": m.finished}
+                "members": {f"{r}[{i}]": {"step": m.step, "silent_s": round(now - m.last_seen, 2),
+                                          "finished": m.finished, "generation": m.generation,
+                                          "ready": r == "trainer" and i in self.joined
+                                          or r == "pserver" and i in self.ready}
                             for (r, i), m in sorted(self.members.items())},
                 "lost": sorted(f"{r}[{i}]" for r, i in self.lost)}

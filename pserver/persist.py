@@ -20,7 +20,7 @@ import numpy as np
 
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 from pserver import metrics as pmetrics
 from pserver import optimizers
 from pserver.errors import FailedPrecondition
@@ -55,7 +55,7 @@ def _stage(shard: Shard, copy: bool) -> Staged:
                   {n: g.applied for n, g in shard.gates.items()})
 
 
-def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
+def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
            started: float) -> Part:
     try:
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables,
@@ -73,7 +73,7 @@ def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
     return part
 
 
-def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
+def save_shard(shard: Shard, storage: Storage, serial: int) -> Part:
     """Write this pserver's part of checkpoint `serial` (a blocking save: nothing changes
     meanwhile, the barrier holds every trainer, so the live arrays are written).
 
@@ -94,7 +94,7 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int) -> Part:
             lock.release()
 
 
-def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
+def save_shard_background(shard: Shard, storage: Storage, serial: int,
                           report: Callable[[Part | None, str | None], None]) -> float:
     """Copy the shard in memory (the only part the trainers wait for), then write it in a
     thread and `report(part, error)`. Returns the seconds the copy took."""
@@ -174,7 +174,7 @@ def check_compatible(shard: Shard, manifest: Manifest) -> None:
                                      f"(saved: {saved})")
 
 
-def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
+def load_shard(shard: Shard, storage: Storage, manifest: Manifest) -> None:
     """Replace this pserver's tables, dense variables and step counters with the
     checkpoint's, reading only the virtual shards it owns."""
     check_compatible(shard, manifest)

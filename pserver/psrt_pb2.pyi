@@ -310,6 +310,16 @@ class HeartbeatRequest(_message.Message):
     finished: bool
     def __init__(self, role: _Optional[str] = ..., id: _Optional[int] = ..., incarnation: _Optional[str] = ..., generation: _Optional[int] = ..., global_step: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
 
+class MembersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MembersResponse(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...
+
 class HeartbeatResponse(_message.Message):
     __slots__ = ("generation", "serial", "running")
     GENERATION_FIELD_NUMBER: _ClassVar[int]

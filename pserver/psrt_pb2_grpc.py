@@ -437,6 +437,11 @@ class CoordinatorStub:
                 request_serializer=pserver_dot_psrt__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=pserver_dot_psrt__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/psrt.v1.Coordinator/Members',
+                request_serializer=pserver_dot_psrt__pb2.MembersRequest.SerializeToString,
+                response_deserializer=pserver_dot_psrt__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -478,6 +483,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Members(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -510,6 +521,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=pserver_dot_psrt__pb2.HeartbeatRequest.FromString,
                     response_serializer=pserver_dot_psrt__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=pserver_dot_psrt__pb2.MembersRequest.FromString,
+                    response_serializer=pserver_dot_psrt__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +690,33 @@ class Coordinator:
             '/psrt.v1.Coordinator/Heartbeat',
             pserver_dot_psrt__pb2.HeartbeatRequest.SerializeToString,
             pserver_dot_psrt__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/psrt.v1.Coordinator/Members',
+            pserver_dot_psrt__pb2.MembersRequest.SerializeToString,
+            pserver_dot_psrt__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
-from ckpt.storage import LocalStorage
 from pserver import malloc, persist
 from pserver import metrics as pmetrics
 from pserver import psrt_pb2 as pb
@@ -63,7 +62,14 @@ class Pserver:
         """The job cannot go on: log why and stop serving (`run` exits 1)."""
         log.error("pserver[%d]: %s", self.shard.pserver_id, message)
         self.error = message
-        self.stopped.set()
+        if self.coordinator is None:
+            self.stopped.set()
+            return
+        # the coordinator's host lingers a few heartbeats so the others hear why
+        linger = threading.Timer(3 * self.shard.config.recovery.heartbeat_s + 0.5,
+                                 self.stopped.set)
+        linger.daemon = True
+        linger.start()
 
     def stop(self, grace: float | None = None) -> None:
         if self.member is not None:
@@ -137,7 +143,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
 def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
     """The coordinator, saving this pserver's shard in-process (the one serving at the time
     of the save: a rollback replaces it) and the others' over gRPC."""
-    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+    storage = config.checkpoint.storage()
 
     background = config.checkpoint.background
 

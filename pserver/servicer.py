@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ckpt.storage import LocalStorage
 from pserver import codec, persist
 from pserver import psrt_pb2 as pb
 from pserver.errors import FailedPrecondition, PsrtError, ResourceExhausted, Unavailable, status_of
@@ -136,7 +135,7 @@ class Servicer:
         ck = self.shard.config.checkpoint
         if ck is None:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
-        storage = LocalStorage(ck.checkpoint_dir)
+        storage = ck.storage()
         if req.background:
             persist.save_shard_background(self.shard, storage, req.serial,
                                           self._reporter(req.serial))
