@@ -6,16 +6,22 @@
                                         delta's chain of bases is there (exit 1 on damage)
     python -m ckpt show DIR SERIAL      tables, rows per shard, dense variables and shapes
     python -m ckpt unlock DIR           break the lock of a job that is gone
+
+DIR may be a URL (s3://bucket/path, gs://..., memory://...): credentials and
+endpoints come from the environment and fsspec's configuration (for S3 e.g.
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, FSSPEC_S3_ENDPOINT_URL), or from
+`-o KEY=VALUE` storage options (VALUE is read as JSON when it parses as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 from ckpt import layout, lock, reader
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage, open_storage
 
 
 def _age(seconds: float) -> str:
@@ -25,7 +31,7 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def cmd_ls(storage: LocalStorage) -> int:
+def cmd_ls(storage: Storage) -> int:
     rows = reader.entries(storage, deep=False)
     print(f"{'serial':>6}  {'epoch':>5}  {'step':>6}  {'global':>7}  {'state':<10}  "
           f"{'kind':<8}  {'base':>4}  {'size':>10}  {'age':>6}  note")
@@ -52,7 +58,7 @@ def cmd_ls(storage: LocalStorage) -> int:
     return 0
 
 
-def cmd_verify(storage: LocalStorage, serial: int | None) -> int:
+def cmd_verify(storage: Storage, serial: int | None) -> int:
     serials = [serial] if serial is not None else [e.serial for e in reader.entries(storage)]
     bad = 0
     for s in serials:
@@ -76,7 +82,7 @@ def cmd_verify(storage: LocalStorage, serial: int | None) -> int:
     return 1 if bad else 0
 
 
-def cmd_show(storage: LocalStorage, serial: int) -> int:
+def cmd_show(storage: Storage, serial: int) -> int:
     m = reader.load_manifest(storage, serial)
     print(f"{layout.checkpoint_name(serial)} of job {m.job!r}: {m.mode} mode, "
           f"{m.num_pservers} pservers, {m.num_trainers} trainers, {m.virtual_shards} virtual "
@@ -103,9 +109,24 @@ def cmd_show(storage: LocalStorage, serial: int) -> int:
     return 0
 
 
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"-o: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ckpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a storage option for a URL DIR (repeatable)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ls").add_argument("dir")
     v = sub.add_parser("verify")
@@ -116,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("serial", type=int)
     sub.add_parser("unlock").add_argument("dir")
     args = p.parse_args(argv)
-    storage = LocalStorage(args.dir)
-    if not storage.path("").is_dir():
-        print(f"ckpt: {args.dir} is not a directory", file=sys.stderr)
+    try:
+        storage = open_storage(args.dir, _options(args.option))
+        missing = storage.missing()
+        if missing:
+            print(f"ckpt: {args.dir} {missing}", file=sys.stderr)
+            return 2
+    except (ValueError, OSError) as e:
+        print(f"ckpt: {args.dir}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     try:
         if args.cmd == "ls":

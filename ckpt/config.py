@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckpt.storage import Storage, open_storage, protocol_of, shown
 
 
 @dataclass(frozen=True)
@@ -12,7 +15,9 @@ class CheckpointConfig:
     A save happens after a step where `epoch_id % epoch_interval == 0` and
     `step_id % step_interval == 0` (the guide's rule: with epoch_interval=2
     nothing is saved in odd epochs). `step_id` counts steps within the epoch
-    from 0. `checkpoint_dir` may be a local path or a URL.
+    from 0. `checkpoint_dir` may be a local path or a URL (`s3://bucket/path`,
+    `gs://`, `hdfs://`, `memory://`, `file://`); `storage_options` go to the
+    fsspec file system of a URL (kept out of repr: they may hold secrets).
     """
 
     checkpoint_dir: str = "checkpoints"
@@ -21,6 +26,7 @@ class CheckpointConfig:
     step_interval: int = 10
     background: bool = False  # psrt's addition: write files after releasing the trainers
     full_every: int = 1  # psrt's addition: a full checkpoint every K saves, deltas between
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir.strip():
@@ -32,6 +38,11 @@ class CheckpointConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not isinstance(self.background, bool):
             raise ValueError(f"background: expected true or false, got {self.background!r}")
+        _check_location(self.checkpoint_dir, self.storage_options)
+
+    def storage(self) -> Storage:
+        """The storage of `checkpoint_dir` (see ckpt.storage.open_storage)."""
+        return open_storage(self.checkpoint_dir, self.storage_options)
 
     def should_save(self, epoch_id: int, step_id: int) -> bool:
         return epoch_id % self.epoch_interval == 0 and step_id % self.step_interval == 0
@@ -41,6 +52,45 @@ class CheckpointConfig:
         checkpoint `last` (-1: none), which is `deltas` deltas past a full checkpoint. Every
         `full_every`-th save of a chain is full."""
         return -1 if last < 0 or deltas + 1 >= self.full_every else last
+
+
+def _check_location(location: str, options: Any) -> None:
+    """The URL's protocol is known and installed, and the options are a table; ValueError
+    names the key. Nothing is contacted here."""
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"storage_options: expected a table of keys (passed to fsspec), "
+                         f"got {type(options).__name__}")
+    protocol = protocol_of(location)
+    location = shown(location)  # for the messages below
+    if protocol is None:
+        if options:
+            raise ValueError(f"storage_options: only for a URL checkpoint_dir, and "
+                             f"{location!r} is a local path")
+        return
+    if protocol == "file":
+        if not location.startswith("file:///"):
+            raise ValueError(f"checkpoint_dir: a file:// URL needs an absolute path "
+                             f"(file:///dir), got {location!r}")
+        return
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"checkpoint_dir: {location!r} is a URL, which needs the fsspec "
+                         f"package") from None
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        known = fsspec.available_protocols()
+        common = ", ".join(p for p in ("s3", "gs", "az", "hdfs", "memory", "file") if p in known)
+        raise ValueError(f"checkpoint_dir: unknown protocol {protocol!r} in {location!r} "
+                         f"(fsspec knows {len(known)}, e.g. {common})") from None
+    except ImportError as e:
+        raise ValueError(f"checkpoint_dir: {location!r} needs a package that is not "
+                         f"installed: {e}") from None
+    rest = location.split("://", 1)[1].strip("/")
+    if not rest and protocol != "memory":
+        raise ValueError(f"checkpoint_dir: expected {protocol}://BUCKET/PATH (or HOST/PATH), "
+                         f"got {location!r}")
 
 
 KEYS = {
@@ -56,6 +106,9 @@ KEYS = {
     "full_every": (int, 1, "a full checkpoint every K saves; the saves between hold only the "
                    "rows changed since the previous checkpoint (deltas, restored as the chain "
                    "from the last full one); 1: every checkpoint is full"),
+    "storage_options": (dict, {}, "for a URL checkpoint_dir: options of its fsspec file "
+                        "system, e.g. {endpoint_url = \"...\", profile = \"...\"} for s3 "
+                        "(credentials are better left to the environment; never logged)"),
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ckpt import layout
 from ckpt.manifest import Manifest
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class Entry:
     problem: str | None  # why it does not count, or None
 
 
-def _load_manifest(storage: LocalStorage, serial: int) -> tuple[Manifest | None, str | None]:
+def _load_manifest(storage: Storage, serial: int) -> tuple[Manifest | None, str | None]:
     base = layout.checkpoint_name(serial)
     if not storage.exists(f"{base}/{layout.SUCCESS}"):
         return None, "no _SUCCESS (torn or still being written)"
@@ -42,7 +42,7 @@ def _load_manifest(storage: LocalStorage, serial: int) -> tuple[Manifest | None,
         return None, f"MANIFEST.json is unreadable: {e}"
 
 
-def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
+def load_manifest(storage: Storage, serial: int) -> Manifest:
     """The manifest of a committed checkpoint; ValueError says why there is none."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
@@ -50,7 +50,7 @@ def load_manifest(storage: LocalStorage, serial: int) -> Manifest:
     return manifest
 
 
-def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
+def verify(storage: Storage, serial: int, deep: bool = True) -> list[str]:
     """Problems of checkpoint `serial` (empty: intact). `deep` also checks every checksum."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
@@ -59,13 +59,14 @@ def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
         return [f"MANIFEST.json says serial {manifest.serial}"]
     problems = []
     base = layout.checkpoint_name(serial)
+    present = storage.sizes(base)  # one listing (one request on an object store)
     for rel, want in sorted(manifest.files.items()):
         path = f"{base}/{rel}"
-        if not storage.exists(path):
+        if rel not in present:
             problems.append(f"{rel}: missing")
             continue
         if not deep:
-            size = storage.size(path)
+            size = present[rel]
             if size != want["size"]:
                 problems.append(f"{rel}: size {size}, manifest says {want['size']}")
             continue
@@ -78,7 +79,7 @@ def verify(storage: LocalStorage, serial: int, deep: bool = True) -> list[str]:
     return problems
 
 
-def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
+def entries(storage: Storage, deep: bool = False) -> list[Entry]:
     """Every `checkpoint_<serial>` entry, oldest first; other names are ignored."""
     out = []
     for name in storage.listdir():
@@ -93,7 +94,7 @@ def entries(storage: LocalStorage, deep: bool = False) -> list[Entry]:
     return sorted(out, key=lambda e: e.serial)
 
 
-def chain(storage: LocalStorage, manifest: Manifest, deep: bool = False,
+def chain(storage: Storage, manifest: Manifest, deep: bool = False,
           checked: dict[int, list[str]] | None = None) -> list[Manifest]:
     """The checkpoints to load to restore `manifest`, oldest first: a full checkpoint, then
     each delta over it (just [manifest] for a full one). ValueError names the first link
@@ -105,8 +106,8 @@ def chain(storage: LocalStorage, manifest: Manifest, deep: bool = False,
         where = f"checkpoint_{head.serial} is a delta of checkpoint_{base}"
         if base >= head.serial:
             raise ValueError(f"{where}, which is not older")
-        if not storage.exists(layout.checkpoint_name(base)):
-            raise ValueError(f"{where}, which is missing")
+        if not storage.exists(f"{layout.checkpoint_name(base)}/{layout.SUCCESS}"):
+            raise ValueError(f"{where}, which is missing (or was never committed)")
         if base not in checked:
             checked[base] = verify(storage, base, deep)
         if checked[base]:
@@ -119,7 +120,7 @@ def _brief(problems: list[str]) -> str:
     return "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
 
 
-def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None:
+def newest_complete(storage: Storage, deep: bool = True) -> Manifest | None:
     """The newest checkpoint that is complete and intact, and (a delta) whose chain of bases
     is too; others are skipped with a warning saying what is wrong."""
     checked: dict[int, list[str]] = {}
@@ -139,13 +140,13 @@ def newest_complete(storage: LocalStorage, deep: bool = True) -> Manifest | None
     return None
 
 
-def max_serial(storage: LocalStorage) -> int:
+def max_serial(storage: Storage) -> int:
     """The largest serial of any entry, complete or not; -1 when there is none."""
     serials = [layout.parse_serial(n) for n in storage.listdir()]
     return max((s for s in serials if s is not None), default=-1)
 
 
-def read_trainer(storage: LocalStorage, serial: int, trainer_id: int) -> tuple[int, int, dict]:
+def read_trainer(storage: Storage, serial: int, trainer_id: int) -> tuple[int, int, dict]:
     """(epoch_id, step_id, reader_state) of a trainer."""
     base = layout.checkpoint_name(serial)
 
@@ -155,11 +156,11 @@ def read_trainer(storage: LocalStorage, serial: int, trainer_id: int) -> tuple[i
     return int(text("epoch_id")), int(text("step_id")), json.loads(text("reader_state"))
 
 
-def read_dense(storage: LocalStorage, serial: int, name: str, array: str = "value") -> np.ndarray:
+def read_dense(storage: Storage, serial: int, name: str, array: str = "value") -> np.ndarray:
     return storage.read_array(f"{layout.checkpoint_name(serial)}/{layout.dense_file(name, array)}")
 
 
-def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: list[str],
+def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[str],
                vshard_lo: int, vshard_hi: int) -> dict[str, np.ndarray]:
     """The rows of virtual shards [lo, hi) of a table, from every old pserver's files
     ({} when there are none).
@@ -187,7 +188,7 @@ def read_table(storage: LocalStorage, manifest: Manifest, table: str, arrays: li
     return {a: (v[0] if len(v) == 1 else np.concatenate(v)) for a, v in pieces.items() if v}
 
 
-def read_all(storage: LocalStorage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
+def read_all(storage: Storage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
     """Every table (rows sorted by id) and dense variable of a checkpoint (a delta: with its
     chain applied), in memory:
     {"table/NAME": {"ids", "values", state...}, "dense/NAME": {"value", state...}}."""

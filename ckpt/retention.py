@@ -7,7 +7,7 @@ import logging
 
 from ckpt import layout
 from ckpt.reader import Entry, entries
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _restorable(by_serial: dict[int, Entry], serial: int) -> bool:
         serial = e.manifest.base
 
 
-def rotate(storage: LocalStorage, keep: int) -> list[int]:
+def rotate(storage: Storage, keep: int) -> list[int]:
     """Delete complete checkpoints beyond the newest `keep`, and incomplete leftovers older
     than the newest complete one; returns the deleted serials. The bases that the kept
     deltas (and the newest restorable checkpoint) need stay. Entries newer than the newest

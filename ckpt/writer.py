@@ -2,7 +2,10 @@
 
 The commit writes MANIFEST.json, then _SUCCESS, each fsynced, then fsyncs the
 directory: a checkpoint without _SUCCESS never existed. Parts never write
-_SUCCESS, and nothing is written into a checkpoint after it.
+_SUCCESS, and nothing is written into a checkpoint after it. Nothing is ever
+renamed, so the same commit holds on object stores (S3 and the like), where a
+written object is whole or absent and a "directory" is a key prefix: readers
+start from _SUCCESS and ignore whatever lies under a prefix without it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import numpy as np
 
 from ckpt import layout
 from ckpt.manifest import Manifest, Part
-from ckpt.storage import FileEntry, LocalStorage
+from ckpt.storage import FileEntry, Storage
 
 
-def write_shard(storage: LocalStorage, serial: int, pserver_id: int,
+def write_shard(storage: Storage, serial: int, pserver_id: int,
                 tables: Mapping[str, Mapping[str, np.ndarray]],
                 vshards: Mapping[str, np.ndarray], virtual_shards: int,
                 dense_state: Mapping[str, Mapping[str, np.ndarray]],
@@ -53,7 +56,7 @@ def write_shard(storage: LocalStorage, serial: int, pserver_id: int,
     return Part("pserver", pserver_id, files, {"rows": rows, **(facts or {})})
 
 
-def write_trainer(storage: LocalStorage, serial: int, trainer_id: int, epoch_id: int,
+def write_trainer(storage: Storage, serial: int, trainer_id: int, epoch_id: int,
                   step_id: int, reader_state: dict,
                   dense_values: Mapping[str, np.ndarray] | None = None) -> Part:
     """Trainer `trainer_id`'s part: its counters (and, for trainer 0, the dense values)."""
@@ -73,7 +76,7 @@ def write_trainer(storage: LocalStorage, serial: int, trainer_id: int, epoch_id:
     return Part("trainer", trainer_id, files, facts)
 
 
-def commit(storage: LocalStorage, manifest: Manifest) -> None:
+def commit(storage: Storage, manifest: Manifest) -> None:
     """Write MANIFEST.json then _SUCCESS, durably: the commit point."""
     base = layout.checkpoint_name(manifest.serial)
     storage.write_bytes(base, layout.MANIFEST, manifest.to_json().encode())

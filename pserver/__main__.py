@@ -1,6 +1,8 @@
 """`python -m pserver --id I --config job.toml [--port N]`: serve shard I of the job.
 
 `python -m pserver status --config job.toml`: one line per pserver of a running job.
+
+`python -m pserver health --config job.toml --id I`: exit 0 when pserver I is SERVING.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "status":
         return status_main(argv[1:])
+    if argv and argv[0] == "health":
+        from pserver.health import main as health_main
+
+        return health_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

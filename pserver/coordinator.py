@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Manifest, Part, merge
-from ckpt.storage import LocalStorage
 from pserver import metrics as pmetrics
 from pserver.config import JobConfig
 from pserver.errors import (
@@ -51,7 +50,7 @@ class Coordinator:
     def __init__(self, config: JobConfig, ckpt: CheckpointConfig, facts: dict,
                  save_shard: SaveShard, watch: bool = True) -> None:
         self.config, self.ckpt, self.facts = config, ckpt, facts
-        self.storage = LocalStorage(ckpt.checkpoint_dir)
+        self.storage = ckpt.storage()
         self.holder = lock.acquire(self.storage, config.name)
         started = time.perf_counter()
         manifest = reader.newest_complete(self.storage, deep=True)
@@ -78,7 +77,7 @@ class Coordinator:
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
         log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
-                 ckpt.checkpoint_dir, config.name, what, self.verify_seconds)
+                 self.storage.root, config.name, what, self.verify_seconds)
         if watch:
             self.members.start_watch()
 

@@ -18,7 +18,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ckpt import reader
-from ckpt.storage import LocalStorage
 from pserver import persist
 from pserver.errors import FailedPrecondition, PsrtError
 from pserver.heartbeat import Heartbeat
@@ -37,7 +36,7 @@ class PserverMember:
         self.id = ps.shard.pserver_id
         self.role = f"pserver[{self.id}]"
         self.incarnation = uuid.uuid4().hex
-        self.storage = LocalStorage(self.config.checkpoint.checkpoint_dir)
+        self.storage = self.config.checkpoint.storage()
         self._lock = threading.Lock()
         self._rejoining = False
         self.heartbeat = Heartbeat(coord, "pserver", self.id, self.incarnation,

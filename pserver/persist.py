@@ -28,7 +28,7 @@ import numpy as np
 
 from ckpt import reader, writer
 from ckpt.manifest import Manifest, Part
-from ckpt.storage import LocalStorage
+from ckpt.storage import Storage
 from pserver import metrics as pmetrics
 from pserver import optimizers
 from pserver.errors import FailedPrecondition
@@ -87,7 +87,7 @@ def _stage(shard: Shard, copy: bool, serial: int, base: int | None,
                   {n: g.applied for n, g in shard.gates.items()}, copying)
 
 
-def _write(shard: Shard, staged: Staged, storage: LocalStorage, serial: int,
+def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
            started: float, base: int | None) -> Part:
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
@@ -127,7 +127,7 @@ def _begin(shard: Shard, serial: int, base: int | None, copy: bool,
             lock.release()
 
 
-def save_shard(shard: Shard, storage: LocalStorage, serial: int,
+def save_shard(shard: Shard, storage: Storage, serial: int,
                base: int | None = None) -> Part:
     """Write this pserver's part of checkpoint `serial` (a blocking save: nothing changes
     meanwhile, the barrier holds every trainer, so the live arrays are written).
@@ -155,7 +155,7 @@ def save_shard(shard: Shard, storage: LocalStorage, serial: int,
             lock.release()
 
 
-def save_shard_background(shard: Shard, storage: LocalStorage, serial: int,
+def save_shard_background(shard: Shard, storage: Storage, serial: int,
                           report: Callable[[Part | None, str | None], None],
                           base: int | None = None) -> float:
     """Snapshot the shard (the only part the trainers wait for): a delta's changed rows and
@@ -244,7 +244,7 @@ def check_compatible(shard: Shard, manifest: Manifest) -> None:
                                      f"(saved: {saved})")
 
 
-def load_shard(shard: Shard, storage: LocalStorage, manifest: Manifest) -> None:
+def load_shard(shard: Shard, storage: Storage, manifest: Manifest) -> None:
     """Replace this pserver's tables, dense variables and step counters with the
     checkpoint's, reading only the virtual shards it owns (of each link of its chain)."""
     check_compatible(shard, manifest)

@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 
 from ckpt.lock import LockedError
 from ckpt.manifest import Part
-from ckpt.storage import LocalStorage
 from pserver import malloc, persist
 from pserver import metrics as pmetrics
 from pserver import psrt_pb2 as pb
@@ -144,7 +143,7 @@ def create_server(config: JobConfig, pserver_id: int, port: int | None = None,
 def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
     """The coordinator, saving this pserver's shard in-process (the one serving at the time
     of the save: a rollback replaces it) and the others' over gRPC."""
-    storage = LocalStorage(config.checkpoint.checkpoint_dir)
+    storage = config.checkpoint.storage()
 
     background = config.checkpoint.background
 

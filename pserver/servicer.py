@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ckpt.storage import LocalStorage
 from pserver import codec, persist
 from pserver import psrt_pb2 as pb
 from pserver.errors import (
@@ -146,7 +145,7 @@ class Servicer:
         ck = self.shard.config.checkpoint
         if ck is None:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
-        storage = LocalStorage(ck.checkpoint_dir)
+        storage = ck.storage()
         base = req.base if req.delta else None
         if req.background:
             persist.save_shard_background(self.shard, storage, req.serial,

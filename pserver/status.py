@@ -16,7 +16,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckpt import reader
-from ckpt.storage import LocalStorage
 from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig, RpcConfig
 from pserver.errors import PsrtError
@@ -62,7 +61,7 @@ def report(config: JobConfig, timeout: float = 2.0) -> tuple[str, bool]:
                      f"{max(steps, default=0):>6} {rows:>12,}  {tables}")
     all_ok &= _trainer_lines(config, members, lines)
     if config.checkpoint is not None:
-        storage = LocalStorage(config.checkpoint.checkpoint_dir)
+        storage = config.checkpoint.storage()
         newest = reader.newest_complete(storage, deep=False)
         if newest is None:
             lines.append(f"checkpoints: none complete in {storage.root}")

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from ckpt import CheckpointConfig, reader, writer
 from ckpt.manifest import Part
-from ckpt.storage import LocalStorage
 from pserver import persist
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.coordinator_rpc import CoordinatorClient
@@ -41,7 +40,7 @@ class Checkpointer:
     def __init__(self, trainer: Trainer, config: CheckpointConfig) -> None:
         self.t = trainer
         self.config = config
-        self.storage = LocalStorage(config.checkpoint_dir)
+        self.storage = config.storage()
         self.last_saved_step = -1
         if trainer.standalone:
             shard = trainer.client.shard
