@@ -15,7 +15,7 @@ from ckpt import CheckpointConfig, reader, retention, writer
 from ckpt import __main__ as ckpt_cli
 from ckpt.config import from_section
 from ckpt.manifest import Part, merge
-from ckpt.storage import LocalStorage
+from ckpt.storage import LocalStorage, open_storage
 from pserver import persist, sharding
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition
@@ -80,8 +80,11 @@ def assert_same(a: dict, b: dict) -> None:
         assert a[k].tobytes() == b[k].tobytes(), k
 
 
-def test_a_delta_chain_restores_bit_identical_to_a_full_checkpoint(tmp_path: Path) -> None:
-    storage = LocalStorage(tmp_path)
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_delta_chain_restores_bit_identical_to_a_full_checkpoint(tmp_path: Path,
+                                                                  where: str) -> None:
+    storage = LocalStorage(tmp_path) if where == "local" else \
+        open_storage(f"memory://incr-{tmp_path.name}")
     live = shards(2)
     ids = np.arange(ROWS, dtype=np.uint64) * np.uint64(7919)
     train(live, ids, 0)
