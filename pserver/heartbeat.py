@@ -58,7 +58,9 @@ class Heartbeat:
     def _run(self) -> None:
         last_ok = time.monotonic()
         lost = False
-        while not self._stop.wait(self.cfg.heartbeat_s):
+        wait = 0.0  # the first one at once
+        while not self._stop.wait(wait):
+            wait = self.cfg.heartbeat_s
             gen, step, finished = self.state()
             try:
                 job_gen, _serial, _running = self.coord.heartbeat(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpt import reader
 from pserver import persist
+from pserver.config import ConfigError
 from pserver.errors import FailedPrecondition, PsrtError
 from pserver.heartbeat import Heartbeat
 from pserver.shard import Shard
@@ -48,9 +49,13 @@ class PserverMember:
         return self.ps.servicer.generation or 0, 0, False
 
     def start(self) -> None:
-        """Join and restore (the first time, into the fresh shard), then heartbeat."""
-        self._restore(self.ps.shard)
+        """Heartbeat (so a long restore is not taken for death), join and restore, the first
+        time into the fresh shard. Raises if that fails past `recovery.rejoin_timeout_s`."""
+        self._rejoining = True  # until restored: a lost coordinator starts no second restore
         self.heartbeat.start()
+        self._rejoin_loop(first=self.ps.shard)
+        if self.ps.error is not None:
+            raise ConfigError("job.pservers[0]", self.ps.error)
 
     def stop(self) -> None:
         self.heartbeat.stop()
@@ -69,12 +74,12 @@ class PserverMember:
         threading.Thread(target=self._rejoin_loop, name=f"{self.role}-rejoin",
                          daemon=True).start()
 
-    def _rejoin_loop(self) -> None:
+    def _rejoin_loop(self, first: Shard | None = None) -> None:
         deadline = time.monotonic() + self.config.recovery.rejoin_timeout_s
         delay = 0.1
         while True:
             try:
-                self._restore(Shard(self.config, self.id))
+                self._restore(first if first is not None else Shard(self.config, self.id))
                 break
             except (PsrtError, OSError, ValueError) as e:
                 if time.monotonic() > deadline:
@@ -82,6 +87,7 @@ class PserverMember:
                                  f"{self.config.recovery.rejoin_timeout_s:.0f}s: {e}")
                     return
                 log.info("%s: rejoining failed (%s); trying again", self.role, e)
+                first = None  # it may hold part of a checkpoint now
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
         with self._lock:

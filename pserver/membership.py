@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 class Member:
     incarnation: str
     last_seen: float
-    heartbeats: bool = False  # watched for liveness once it has sent one
+    watched: bool = False  # for liveness: from its join (or first heartbeat, if it joined
+    # without an incarnation, as tools and the stand-alone trainer do)
     step: int = 0
     finished: bool = False
     generation: int = 0  # the one it serves, as its last heartbeat said (0: restoring)
@@ -63,7 +64,7 @@ class Membership:
         key = (role, i)
         old = self.members.get(key)
         restarted = old is not None and old.incarnation != incarnation
-        self.members[key] = Member(incarnation, time.monotonic())
+        self.members[key] = Member(incarnation, time.monotonic(), watched=bool(incarnation))
         self.lost.pop(key, None)
         if role == "pserver":
             self.ready.discard(i)
@@ -90,7 +91,7 @@ class Membership:
         if m is None or m.incarnation != incarnation:
             raise FailedPrecondition(f"Heartbeat: {role}[{i}] (incarnation {incarnation!r}) has "
                                      f"not joined this coordinator; join again")
-        m.last_seen, m.heartbeats, m.step, m.finished = time.monotonic(), True, step, finished
+        m.last_seen, m.watched, m.step, m.finished = time.monotonic(), True, step, finished
         m.generation = generation
 
     def rollback(self, reason: str) -> None:
@@ -136,7 +137,7 @@ class Membership:
             return
         for key, m in list(self.members.items()):
             silent = now - m.last_seen
-            if m.heartbeats and not m.finished and silent > self.cfg.liveness_timeout_s:
+            if m.watched and not m.finished and silent > self.cfg.liveness_timeout_s:
                 del self.members[key]
                 self.lost[key] = now
                 role, i = key

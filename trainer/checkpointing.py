@@ -109,8 +109,8 @@ class Checkpointer:
         """Join the job; load this trainer's counters from the checkpoint it restores
         (or start its counters afresh). Returns the serial (-1: a fresh start)."""
         t = self.t
+        self._start_heartbeat()  # already while waiting to join: the wait can be long
         serial = self._join()
-        self._start_heartbeat()
         if serial < 0:
             t.reset_counters()
             self.last_saved_step = -1
