@@ -85,5 +85,6 @@ class Heartbeat:
                                    f"{silent:.1f}s: {e}")
                 continue
             last_ok, lost = time.monotonic(), False
+            gen = self.state()[0]  # anew: the member may have joined meanwhile
             if gen and job_gen != gen:
                 self.on_change(f"the job rolled back to generation {job_gen}")
