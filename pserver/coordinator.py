@@ -93,10 +93,15 @@ class Coordinator:
 
     def join_pserver(self, pserver_id: int, address: str, incarnation: str = "") -> int:
         """Returns the serial to restore (-1: none) for generation `self.generation`."""
+        return self.join_pserver_at(pserver_id, address, incarnation)[0]
+
+    def join_pserver_at(self, pserver_id: int, address: str,
+                        incarnation: str = "") -> tuple[int, int]:
+        """(serial to restore, generation), read together."""
         with self._cond:
             self.members.join("pserver", pserver_id, incarnation)
             self._addresses[pserver_id] = address
-            return self.restore_serial
+            return self.restore_serial, self.members.generation
 
     def address_of(self, pserver_id: int) -> str:
         with self._cond:
@@ -117,6 +122,11 @@ class Coordinator:
     def join_trainer(self, trainer_id: int, timeout: float, incarnation: str = "") -> int:
         """Wait until every pserver has restored and every trainer has joined; returns the
         serial to restore (-1: none) for generation `self.generation`."""
+        return self.join_trainer_at(trainer_id, timeout, incarnation)[0]
+
+    def join_trainer_at(self, trainer_id: int, timeout: float,
+                        incarnation: str = "") -> tuple[int, int]:
+        """`join_trainer`, returning (serial to restore, generation), read together."""
         deadline = time.monotonic() + timeout
         m = self.members
         with self._cond:
@@ -136,7 +146,7 @@ class Coordinator:
                     raise Unavailable(f"Join: pservers {missing} have not restored checkpoint "
                                       f"{self.restore_serial} and trainers {absent} have not "
                                       f"joined within {timeout:.0f}s")
-            return self.restore_serial
+            return self.restore_serial, m.generation
 
     def heartbeat(self, role: str, i: int, incarnation: str, step: int = 0,
                   finished: bool = False, generation: int = 0) -> tuple[int, int, bool]:
@@ -156,9 +166,16 @@ class Coordinator:
         if self._serial is not None:
             self._outcome[self._serial] = f"checkpoint_{self._serial} abandoned: {reason}"
             self._abandoned.add(self._serial)
-            self._serial, self._round = None, {}
+            self._serial = None
+        self._round = {}  # trainers waiting in a barrier wake up and join again
         self._skipped = set()
-        manifest = reader.newest_complete(self.storage, deep=False)
+        try:
+            manifest = reader.newest_complete(self.storage, deep=False)
+        except (OSError, ValueError) as e:
+            log.error("coordinator: cannot list %s (%s); generation %d restores "
+                      "checkpoint_%d as the last one did", self.ckpt.checkpoint_dir, e,
+                      self.members.generation, self.restore_serial)
+            return
         self.restore_manifest = manifest
         self.restore_serial = manifest.serial if manifest is not None else -1
         self._committed = self._restored_chain(manifest)
@@ -245,15 +262,17 @@ class Coordinator:
         except Exception as e:  # noqa: BLE001 - reported to every trainer
             log.exception("coordinator: pserver[%d] failed to save checkpoint_%d", pserver_id,
                           serial)
-            self._mark_staged(pserver_id)
+            self._mark_staged(pserver_id, serial)
             self._add_part(serial, None, f"pserver[{pserver_id}]: {e}")
             return
-        self._mark_staged(pserver_id)
+        self._mark_staged(pserver_id, serial)
         if part is not None:
             self._add_part(serial, part, None)
 
-    def _mark_staged(self, pserver_id: int) -> None:
+    def _mark_staged(self, pserver_id: int, serial: int) -> None:
         with self._cond:
+            if serial != self._serial:  # a save a rollback abandoned, answering late
+                return
             self._staged.add(pserver_id)
             self._cond.notify_all()
 
@@ -317,7 +336,8 @@ class Coordinator:
             self._outcome[serial] = outcome
             self._serial, self._round = None, {}
             if outcome is None and final:
-                self.members.done = True
+                self.members.done = True  # and a process starting again restores this
+                self.restore_serial = serial
             self._cond.notify_all()
 
     def _finish(self, serial: int, parts: list[Part], failures: list[str],

@@ -8,6 +8,7 @@ join_trainer, barrier, commit), so a trainer drives an in-process coordinator
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from pserver.errors import (
 from pserver.security import open_channel
 from pserver.servicer import remaining as _remaining
 
+log = logging.getLogger(__name__)
 SERVICE = "psrt.v1.Coordinator"
 _METHODS = {
     "Join": (pb.JoinRequest, pb.JoinResponse),
@@ -48,12 +50,13 @@ class CoordinatorServicer:
 
     def Join(self, req: pb.JoinRequest, ctx: grpc.ServicerContext) -> pb.JoinResponse:
         if req.role == "pserver":
-            serial = self.c.join_pserver(req.id, req.address, req.incarnation)
+            serial, gen = self.c.join_pserver_at(req.id, req.address, req.incarnation)
         elif req.role == "trainer":
-            serial = self.c.join_trainer(req.id, _remaining(ctx, self.wait), req.incarnation)
+            serial, gen = self.c.join_trainer_at(req.id, _remaining(ctx, self.wait),
+                                                 req.incarnation)
         else:
             raise InvalidArgument(f"Join: role must be 'pserver' or 'trainer', got {req.role!r}")
-        return pb.JoinResponse(serial=serial, generation=self.c.generation)
+        return pb.JoinResponse(serial=serial, generation=gen)
 
     def Ready(self, req: pb.ReadyRequest, ctx: grpc.ServicerContext) -> pb.ReadyResponse:
         self.c.ready(req.pserver_id, req.serial, req.generation or None)
@@ -98,6 +101,9 @@ class CoordinatorServicer:
                     ctx.abort(status_of(e), str(e))
                 except (ValueError, KeyError, TypeError) as e:
                     ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {e}")
+                except Exception as e:  # a bug or an I/O error: never leak it as UNKNOWN
+                    log.exception("coordinator %s failed", name)
+                    ctx.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error: {e!r}")
 
             return grpc.unary_unary_rpc_method_handler(handler)  # raw bytes in and out
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt import reader
 from pserver import persist
 from pserver.config import ConfigError
-from pserver.errors import FailedPrecondition, PsrtError
+from pserver.errors import FailedPrecondition
 from pserver.heartbeat import Heartbeat
 from pserver.shard import Shard
 
@@ -81,7 +81,7 @@ class PserverMember:
             try:
                 self._restore(first if first is not None else Shard(self.config, self.id))
                 break
-            except (PsrtError, OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - retried, then the job fails naming it
                 if time.monotonic() > deadline:
                     self.ps.fail(f"{self.role} could not rejoin the job within "
                                  f"{self.config.recovery.rejoin_timeout_s:.0f}s: {e}")

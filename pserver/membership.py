@@ -129,8 +129,11 @@ class Membership:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(0.5, self.cfg.heartbeat_s / 2)):
-            with self.cond:
-                self.check_liveness(time.monotonic())
+            try:
+                with self.cond:
+                    self.check_liveness(time.monotonic())
+            except Exception:  # keep watching: a dead watcher would never notice a loss
+                log.exception("coordinator: checking liveness failed")
 
     def check_liveness(self, now: float) -> None:
         if self.done or self.fatal is not None:

@@ -29,6 +29,7 @@ from pserver.servicer import SERVICE, Servicer
 from pserver.shard import Shard
 
 log = logging.getLogger(__name__)
+JOB_FAILED = 3  # exit code: the job failed (a process did not come back); not restarted
 
 
 def channel_options(config: JobConfig) -> list[tuple[str, int]]:
@@ -217,7 +218,7 @@ def run(config: JobConfig, pserver_id: int, port: int | None = None,
     ps.stop(config.rpc.grace_s)
     if ps.error is not None:
         log.error("%s stopped: %s", role, ps.error)
-        return 1
+        return JOB_FAILED
     log.info("%s stopped", role)
     return 0
 

@@ -23,7 +23,8 @@ import sys  # noqa: E402
 
 from ckpt.lock import LockedError  # noqa: E402
 from pserver import config as pscfg  # noqa: E402
-from pserver.errors import PsrtError  # noqa: E402
+from pserver.errors import JobFailed, PsrtError  # noqa: E402
+from pserver.server import JOB_FAILED  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except PsrtError as e:
         logging.getLogger("trainer").error("%s failed: %s", role, e)
-        return 1
+        return JOB_FAILED if isinstance(e, JobFailed) else 1
     finally:
         trainer.close()
     return 0

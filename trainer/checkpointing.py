@@ -25,7 +25,6 @@ from pserver.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     JobFailed,
-    PsrtError,
     Unavailable,
 )
 from pserver.heartbeat import Heartbeat
@@ -152,7 +151,7 @@ class Checkpointer:
             state = {"reader": t.reader.state(), "global_step": t.global_step}
             part = writer.write_trainer(self.storage, serial, t.trainer_id, epoch_id, step_id,
                                         state, dense)
-        except (OSError, PsrtError) as e:
+        except Exception as e:  # noqa: BLE001 - e.g. a store's own errors: fails this one only
             error = f"{type(e).__name__}: {e}"
             log.error("%s could not write its part of checkpoint_%d: %s", t.role, serial, error)
         try:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pserver import config as pscfg
+from pserver.server import JOB_FAILED
 from trainer.metrics_export import launch_overrides
 from trainer.plot import after_launch
 
@@ -167,7 +168,8 @@ def _supervise(children: list[Child], trainers: list[Child], interrupted: thread
         for c in children:
             code = c.proc.poll()
             if code not in (None, 0) or (code == 0 and c not in trainers):
-                if c.restarts < max_restarts and code != 2:  # 2: bad config or usage
+                # not restarted: 2, bad config or usage; JOB_FAILED, the job has failed
+                if c.restarts < max_restarts and code not in (2, JOB_FAILED):
                     print(f"launch: {c.role} exited with code {code}; starting it again "
                           f"({c.restarts + 1} of recovery.max_restarts={max_restarts})",
                           file=sys.stderr)
