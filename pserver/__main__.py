@@ -39,9 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def status_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver status",
-                                description="One line per pserver of a running job: health, "
-                                "step, rows; and the newest checkpoint. Exit 1 if any pserver "
-                                "does not answer.")
+                                description="One line per process of a running job: pservers "
+                                "(health, generation, step, rows), trainers (from the "
+                                "coordinator's heartbeats), the job's generation and rollbacks, "
+                                "and the newest checkpoint. Exit 1 if any process does not "
+                                "answer.")
     p.add_argument("--config", help="job file (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")

@@ -30,7 +30,6 @@ from pserver.config import JobConfig
 from pserver.errors import (
     DeadlineExceeded,
     FailedPrecondition,
-    InvalidArgument,
     JobFailed,
     Unavailable,
 )
@@ -110,7 +109,7 @@ class Coordinator:
             return self._addresses[pserver_id]
 
     def ready(self, pserver_id: int, serial: int, generation: int | None = None) -> None:
-        self._check_id("pserver", pserver_id, self.config.num_pservers)
+        self.members.check_id("pserver", pserver_id)
         with self._cond:
             m = self.members
             gen = m.generation if generation is None else generation
@@ -188,16 +187,12 @@ class Coordinator:
             return -1, 0
         return manifest.serial, len(reader.chain(self.storage, manifest)) - 1
 
-    def _check_id(self, role: str, i: int, n: int) -> None:
-        if not 0 <= i < n:
-            raise InvalidArgument(f"{role} id {i} is out of range 0..{n - 1}")
-
     # ---- the barrier --------------------------------------------------------
 
     def barrier(self, trainer_id: int, global_step: int, epoch_id: int, step_id: int,
                 final: bool, timeout: float) -> int:
         """Wait for every trainer at the same point; returns the serial to write into."""
-        self._check_id("trainer", trainer_id, self.config.num_trainers)
+        self.members.check_id("trainer", trainer_id)
         point = (epoch_id, step_id, final) if self.config.mode == "async" else \
             (global_step, epoch_id, step_id, final)
         t = self.config.num_trainers
@@ -279,13 +274,13 @@ class Coordinator:
     def report_part(self, pserver_id: int, serial: int, part: Part | None,
                     error: str | None) -> None:
         """A background save's part, written (or why it was not)."""
-        self._check_id("pserver", pserver_id, self.config.num_pservers)
+        self.members.check_id("pserver", pserver_id)
         self._add_part(serial, part, error and f"pserver[{pserver_id}]: {error}")
 
     def commit(self, trainer_id: int, serial: int, part: Part | None, error: str | None,
                timeout: float) -> int:
         """A trainer's part (or its failure); waits for the commit and returns the serial."""
-        self._check_id("trainer", trainer_id, self.config.num_trainers)
+        self.members.check_id("trainer", trainer_id)
         with self._cond:
             if serial != self._serial and serial not in self._outcome:
                 raise FailedPrecondition(f"Commit: no checkpoint {serial} is being written "

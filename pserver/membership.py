@@ -60,7 +60,7 @@ class Membership:
     # ---- events -------------------------------------------------------------
 
     def join(self, role: str, i: int, incarnation: str) -> None:
-        self._check(role, i)
+        self.check_id(role, i)
         key = (role, i)
         old = self.members.get(key)
         restarted = old is not None and old.incarnation != incarnation
@@ -84,7 +84,7 @@ class Membership:
 
     def heartbeat(self, role: str, i: int, incarnation: str, step: int, finished: bool,
                   generation: int = 0) -> None:
-        self._check(role, i)
+        self.check_id(role, i)
         if self.fatal is not None:
             raise JobFailed(self.fatal)
         m = self.members.get((role, i))
@@ -112,7 +112,7 @@ class Membership:
             self.running = True
             self.cond.notify_all()
 
-    def _check(self, role: str, i: int) -> None:
+    def check_id(self, role: str, i: int) -> None:
         n = {"pserver": self.p, "trainer": self.t}.get(role)
         if n is None:
             raise InvalidArgument(f"role must be 'pserver' or 'trainer', got {role!r}")

@@ -59,24 +59,24 @@ def test_bad_recovery_keys_are_refused_naming_them(recovery: dict, message: str)
 def test_a_call_from_another_generation_is_refused_and_changes_nothing(
         tmp_path: Path, cluster_factory) -> None:  # noqa: ANN001
     cluster = cluster_factory(ckpt_job(tmp_path, liveness_timeout_s=60))
-    coord = CoordinatorClient(cluster.config)
     gen = cluster.servers[0].coordinator.generation
     ids = np.arange(1, 40, dtype=np.uint64)
     client = PSClient(cluster.config)
     try:
         client.set_generation(gen)
         before = client.pull("emb", ids)
+        rows = [len(s.shard.tables["emb"]) for s in cluster.servers]
         client.set_generation(gen - 1)
-        with pytest.raises(FailedPrecondition, match=rf"generation {gen - 1}, pserver\[\d\] "
-                                                     rf"serves generation {gen}"):
-            client.push("emb", ids, np.ones((len(ids), 8), np.float32))
+        new = np.arange(100, 140, dtype=np.uint64)  # a push of them would create rows
+        for push_ids in (ids, new):
+            with pytest.raises(FailedPrecondition, match=rf"generation {gen - 1}, "
+                                                         rf"pserver\[\d\] serves generation {gen}"):
+                client.push("emb", push_ids, np.ones((len(push_ids), 8), np.float32))
+        assert [len(s.shard.tables["emb"]) for s in cluster.servers] == rows  # none created
         client.set_generation(gen)
         assert client.pull("emb", ids).tobytes() == before.tobytes()  # nothing was applied
-        assert [s.shard.tables["emb"].__len__() for s in cluster.servers] == \
-            [len(s.shard.tables["emb"]) for s in cluster.servers]
     finally:
         client.close()
-        coord.close()
 
 
 def test_heartbeats_of_strangers_and_bad_ids_are_refused(tmp_path: Path,
