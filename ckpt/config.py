@@ -26,6 +26,7 @@ class CheckpointConfig:
     step_interval: int = 10
     background: bool = False  # psrt's addition: write files after releasing the trainers
     full_every: int = 1  # psrt's addition: a full checkpoint every K saves, deltas between
+    background_duty: float = 1.0  # psrt's addition: share of the time a background writer works
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -38,6 +39,9 @@ class CheckpointConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not isinstance(self.background, bool):
             raise ValueError(f"background: expected true or false, got {self.background!r}")
+        duty = self.background_duty
+        if isinstance(duty, bool) or not isinstance(duty, int | float) or not 0 < duty <= 1:
+            raise ValueError(f"background_duty: expected a number in (0, 1], got {duty!r}")
         _check_location(self.checkpoint_dir, self.storage_options)
 
     def storage(self) -> Storage:
@@ -106,6 +110,10 @@ KEYS = {
     "full_every": (int, 1, "a full checkpoint every K saves; the saves between hold only the "
                    "rows changed since the previous checkpoint (deltas, restored as the chain "
                    "from the last full one); 1: every checkpoint is full"),
+    "background_duty": (float, 1.0, "share of the time the thread writing a background save "
+                        "works: below 1 it pauses after each chunk (0.5: half speed), so "
+                        "training slows less while a save is written, for longer; 1: no "
+                        "pauses"),
     "storage_options": (dict, {}, "for a URL checkpoint_dir: options of its fsspec file "
                         "system, e.g. {endpoint_url = \"...\", profile = \"...\"} for s3 "
                         "(credentials are better left to the environment; never logged)"),

@@ -15,14 +15,16 @@ directory). Reading never creates anything, and nothing here creates a bucket.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from ckpt.storage import CHUNK, FileEntry, Storage, _chunks, _join, npy_header, shown
+from ckpt.storage import CHUNK, ArrayWriter, FileEntry, Storage, _join, shown
 
 # stores whose directories are only key prefixes: nothing to create, and the first
 # path component is a bucket (or container) that must exist already
@@ -173,25 +175,15 @@ class FsspecStorage(Storage):
         self.fs.pipe_file(path, data)
         return FileEntry(rel, len(data), xxhash.xxh3_64_intdigest(data))
 
-    def write_array(self, base: str, rel: str, arr: np.ndarray,
-                    order: np.ndarray | None = None, fsync: bool = True) -> FileEntry:
-        """Stream `arr` (rows permuted by `order`) as .npy data, checksumming the chunks;
-        the file is complete (and durable, as the store makes it) when this returns."""
-        if order is None:
-            arr = np.ascontiguousarray(arr)
-        shape = arr.shape if order is None else (len(order),) + arr.shape[1:]
-        header = npy_header(arr.dtype, shape)
+    @contextlib.contextmanager
+    def open_array(self, base: str, rel: str, dtype: np.dtype, shape: tuple[int, ...],
+                   fsync: bool = True) -> Iterator[ArrayWriter]:
+        """Streamed to the store (multipart on object stores); the file is complete (and
+        durable, as the store makes it) when the context closes."""
         path = self._path(_join(base, rel))
         self._parent(path)
-        digest = xxhash.xxh3_64(header)
-        size = len(header)
         with self.fs.open(path, "wb") as f:
-            f.write(header)
-            for chunk in _chunks(arr, order):
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        return FileEntry(rel, size, digest.intdigest())
+            yield ArrayWriter(f, rel, dtype, shape)
 
     def create(self, rel: str, data: bytes) -> None:
         path = self._path(rel)

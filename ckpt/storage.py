@@ -17,11 +17,16 @@ beside the disk.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import mmap
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +44,54 @@ class FileEntry:
     xxh3: int  # XXH3-64 of the file's bytes
 
 
+HEADER_ALIGN = 4096  # .npy data starts at a multiple of this (direct I/O needs it)
+
+
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The .npy header of a C-ordered array of this dtype and shape."""
+    """The .npy (version 1.0) header of a C-ordered array of this dtype and shape, padded
+    with spaces to HEADER_ALIGN bytes, so that the data starts on a block boundary: rows
+    can be written straight from aligned memory, around the page cache. (The format
+    allows any padding that keeps the length a multiple of 64; numpy reads headers of up
+    to 10,000 bytes.)"""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                "fortran_order": False, "shape": shape})
-    return buf.getvalue()
+    header = buf.getvalue()
+    text = header[10:].rstrip()  # after the magic (8 bytes) and the length (2 bytes)
+    pad = HEADER_ALIGN - 10 - len(text) - 1
+    if pad < 0:  # a very long shape: numpy's own padding
+        return header
+    return header[:8] + (len(text) + pad + 1).to_bytes(2, "little") + text + b" " * pad + b"\n"
+
+
+class ArrayWriter:
+    """One .npy file written block by block (rows in order), checksummed as it goes.
+    `out.write` takes a flat uint8 array."""
+
+    def __init__(self, out: Any, rel: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        header = npy_header(np.dtype(dtype), tuple(shape))
+        self.out, self.rel, self.dtype = out, rel, np.dtype(dtype)
+        self.digest = xxhash.xxh3_64(header)
+        self.size = len(header)
+        self.expected = len(header) + self.dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        out.write(np.frombuffer(header, dtype=np.uint8))
+
+    def write(self, block: np.ndarray) -> None:
+        """The next rows (of the file's dtype)."""
+        if block.dtype != self.dtype:
+            raise TypeError(f"{self.rel}: rows of {block.dtype}, the file holds {self.dtype}")
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        if len(data):
+            self.out.write(data)
+            self.digest.update(data)
+            self.size += len(data)
+
+    def entry(self) -> FileEntry:
+        """The written file's entry; ValueError if fewer or more bytes than its shape."""
+        if self.size != self.expected:
+            raise ValueError(f"{self.rel}: wrote {self.size} bytes, its header promises "
+                             f"{self.expected}")
+        return FileEntry(self.rel, self.size, self.digest.intdigest())
 
 
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -136,7 +183,22 @@ class Storage:
         raise NotImplementedError
 
     def write_array(self, base: str, rel: str, arr: np.ndarray,
-                    order: np.ndarray | None = None, fsync: bool = True) -> FileEntry:
+                    fsync: bool = True) -> FileEntry:
+        """Write `arr` as .npy data, checksummed as it is written; durable unless
+        `fsync=False` (then call `fsync`)."""
+        with self.open_array(base, rel, arr.dtype, arr.shape, fsync) as w:
+            if arr.ndim == 0:
+                w.write(arr)
+            else:
+                step = max(1, CHUNK // max(1, arr[:1].nbytes))
+                for lo in range(0, len(arr), step):
+                    w.write(arr[lo:lo + step])
+        return w.entry()
+
+    def open_array(self, base: str, rel: str, dtype: np.dtype, shape: tuple[int, ...],
+                   fsync: bool = True) -> contextlib.AbstractContextManager[ArrayWriter]:
+        """A .npy file to write block by block (several can be open at once): the context
+        closes it (durable unless `fsync=False`); then `entry()` gives its FileEntry."""
         raise NotImplementedError
 
     def fsync(self, rels: list[str]) -> None:
@@ -243,30 +305,15 @@ class LocalStorage(Storage):
             os.fsync(f.fileno())
         return FileEntry(rel, len(data), xxhash.xxh3_64_intdigest(data))
 
-    def write_array(self, base: str, rel: str, arr: np.ndarray,
-                    order: np.ndarray | None = None, fsync: bool = True) -> FileEntry:
-        """Write `arr` (rows permuted by `order`, if given) as .npy data, checksumming the
-        chunks as they are written; durable unless `fsync=False` (then call `fsync`)."""
-        if order is None:
-            arr = np.ascontiguousarray(arr)
-        shape = arr.shape if order is None else (len(order),) + arr.shape[1:]
-        header = npy_header(arr.dtype, shape)
+    @contextlib.contextmanager
+    def open_array(self, base: str, rel: str, dtype: np.dtype, shape: tuple[int, ...],
+                   fsync: bool = True) -> Iterator[ArrayWriter]:
         target = self.path(_join(base, rel))
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = xxhash.xxh3_64(header)
-        size = len(header)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, header)
-            for chunk in _chunks(arr, order):
-                _write_all(fd, chunk)
-                digest.update(chunk)
-                size += len(chunk)
+        with DirectFile(target) as f:
+            yield ArrayWriter(f, rel, dtype, shape)
             if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return FileEntry(rel, size, digest.intdigest())
+                f.fsync()
 
     def fsync(self, rels: list[str]) -> None:
         """Make files written with fsync=False durable. Writing many files first and
@@ -300,14 +347,119 @@ class LocalStorage(Storage):
         return size, digest.intdigest()
 
 
-def _chunks(arr: np.ndarray, order: np.ndarray | None):  # noqa: ANN202 - a generator
-    """The bytes of `arr` (rows in `order`) in pieces of about CHUNK bytes."""
-    rows = len(arr) if order is None else len(order)
-    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK // row_bytes)
-    for lo in range(0, rows, step):
-        block = arr[lo:lo + step] if order is None else np.take(arr, order[lo:lo + step], axis=0)
-        yield memoryview(np.ascontiguousarray(block)).cast("B")
+_BLOCK = 4096  # O_DIRECT: buffer address, length and file offset are multiples of this
+_free: list[memoryview] = []  # aligned buffers of files written before, kept: touching
+_free_lock = threading.Lock()  # fresh memory costs a page fault per 4 KiB
+
+
+class DirectFile:
+    """A new file written around the page cache (O_DIRECT) where the file system allows
+    it, else through it as usual.
+
+    Checkpoint files are written once and not read back soon: through the page cache
+    every byte is copied into the kernel first and written back later by the kernel's
+    flusher threads, at normal priority, while the trainers' pushes wait for the CPU.
+    Bytes are gathered in an aligned buffer and written in whole blocks; the tail is
+    written without O_DIRECT.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError as e:  # e.g. tmpfs: EINVAL
+            if not self.direct or e.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+        self.buf = _take_buffer()
+        self.array = np.frombuffer(self.buf, dtype=np.uint8)
+        self.fill = 0
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self._flush(final=True)
+        finally:
+            os.close(self.fd)
+            with _free_lock:
+                if len(_free) < 8:
+                    _free.append(self.buf)
+
+    def write(self, src: np.ndarray) -> None:
+        """Append bytes (a flat uint8 array). Whole blocks at an aligned address go to the
+        disk as they are; anything else is gathered in the buffer first."""
+        if not self.direct:
+            if self.fill:  # gathered before direct writes were refused
+                _write_all(self.fd, self.buf[:self.fill])
+                self.fill = 0
+            _write_all(self.fd, memoryview(src))
+            return
+        if self.fill % _BLOCK == 0 and src.ctypes.data % _BLOCK == 0 and len(src) >= _BLOCK:
+            self._flush(final=False)
+            whole = len(src) - len(src) % _BLOCK
+            if self._write_direct(memoryview(src[:whole])):
+                src = src[whole:]
+        cap = len(self.buf)
+        while len(src):
+            n = min(len(src), cap - self.fill)
+            # numpy copies without the GIL (a memoryview assignment holds it)
+            np.copyto(self.array[self.fill:self.fill + n], src[:n])
+            self.fill += n
+            src = src[n:]
+            if self.fill == cap:
+                self._flush(final=False)
+
+    def fsync(self) -> None:
+        self._flush(final=True)
+        os.fsync(self.fd)
+
+    def _flush(self, final: bool) -> None:
+        """Write the buffer's whole blocks (and, if final, the rest)."""
+        whole = self.fill - self.fill % _BLOCK
+        if whole and not self._write_direct(self.buf[:whole]):
+            _write_all(self.fd, self.buf[:whole])
+        rest = self.fill - whole
+        if rest and final:
+            self._buffered()
+            _write_all(self.fd, self.buf[whole:self.fill])
+            whole, rest = self.fill, 0
+        self.buf[:rest] = self.buf[whole:whole + rest]
+        self.fill = rest
+
+    def _write_direct(self, data: memoryview) -> bool:
+        """Write aligned whole blocks; False (nothing written, O_DIRECT now off) where the
+        file system opened the file O_DIRECT but refuses such writes."""
+        if not self.direct:
+            return False
+        try:
+            _write_all(self.fd, data)
+        except OSError as e:
+            if e.errno != errno.EINVAL or os.lseek(self.fd, 0, os.SEEK_CUR) % _BLOCK:
+                raise
+            self._buffered()
+            return False
+        return True
+
+    def _buffered(self) -> None:
+        if self.direct:
+            import fcntl
+
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            self.direct = False
+
+
+def _take_buffer() -> memoryview:
+    """An aligned buffer (mmap: page-aligned) of CHUNK bytes, for one open file."""
+    with _free_lock:
+        if _free:
+            return _free.pop()
+    return memoryview(mmap.mmap(-1, CHUNK))
 
 
 def _join(base: str, rel: str) -> str:

@@ -2,9 +2,10 @@
 
 A blocking save writes the live arrays (the barrier holds every trainer, so
 nothing changes meanwhile) with rows grouped by virtual shard. A background
-save snapshots the tables copy-on-write (SparseTable.begin_snapshot): the
-trainers go on at once, the writing thread copies the rows chunk by chunk
-while a push first copies the rows it is about to change. Restoring reads, from
+save snapshots the tables (SparseTable.begin_snapshot): the trainers go on at
+once, the writing thread reads the rows out of the live tables chunk by chunk
+as it writes them, while a push first keeps aside the old values of rows the
+writer has not reached yet. Restoring reads, from
 every old pserver's files, the rows of the virtual shards this pserver owns
 now, so a checkpoint restores onto any number of pservers.
 
@@ -34,73 +35,74 @@ from pserver import optimizers
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
 from pserver.sharding import owned_range, virtual_shard
-from pserver.table import SparseTable
+from pserver.table import Snapshot
 
 log = logging.getLogger(__name__)
-LAZY_DELTA = 8  # a background delta of more than 1/8 of the rows is copied on write
 WRITER_NICE = 19  # CPU priority of the thread writing a background save (0..19: 19 lowest)
 
 
 @dataclass
 class Staged:
-    """What a pserver saves: its tables, dense optimizer state and step counters, either
-    live (blocking saves, under the locks) or copied (background saves)."""
+    """What a pserver saves: its tables (live arrays under the locks, copies, or snapshots
+    read as they are written), dense optimizer state and step counters."""
 
-    tables: dict[str, dict[str, np.ndarray]]
+    tables: dict[str, writer.Rows | dict[str, np.ndarray]]
     dense_state: dict[str, dict[str, np.ndarray]]
     applied: dict[str, int]
-    # copy-on-write snapshots to finish before writing: (table name, table, the rows of a
-    # delta to take from it or None)
-    copying: list[tuple[str, SparseTable, np.ndarray | None]]
 
-    def finish(self) -> None:
-        """Complete the copy-on-write snapshots (in the writing thread)."""
-        for name, table, rows in self.copying:
-            table.finish_snapshot()
-            if rows is not None:
-                self.tables[name] = {k: np.take(a, rows, axis=0)
-                                     for k, a in self.tables[name].items()}
-        self.copying = []
+    def close(self, locked: bool = False) -> None:
+        """Stop the snapshots (done, or the save failed): pushes no longer keep rows.
+        `locked`: the caller holds the tables' locks."""
+        for t in self.tables.values():
+            if isinstance(t, Snapshot):
+                t.close(locked)
 
 
 def _locks(shard: Shard) -> list:
     return [t.lock for t in shard.tables.values()] + [d.lock for d in shard.dense.values()]
 
 
-def _stage(shard: Shard, copy: bool, serial: int, base: int | None,
-           lazy: bool = False) -> Staged:
+def _stage(shard: Shard, serial: int, base: int | None, how: str,
+           duty: float = 1.0) -> Staged:
     """The shard as it is now (call with every lock held): every row, or (base given) the
-    rows changed since checkpoint `base`. `copy`: copied (`lazy`: copy-on-write, finished
-    by Staged.finish; a delta of many rows too), else the live arrays."""
-    tables, copying = {}, []
-    for n, t in shard.tables.items():
-        rows = t.begin_save(serial, base)
-        if rows is not None and not (lazy and len(rows) > len(t) // LAZY_DELTA):
-            tables[n] = t.rows_of(rows)
-        elif copy:
-            tables[n] = t.begin_snapshot()
-            copying.append((n, t, rows))
-        else:
-            tables[n] = t.arrays()
+    rows changed since checkpoint `base`. `how`: "live" (the arrays themselves; a delta's
+    rows are copied), "copy" (copies) or "snapshot" (read out of the live tables as they
+    are written, working `duty` of the time; the dense state is copied)."""
+    tables: dict[str, writer.Rows | dict[str, np.ndarray]] = {}
+    try:
+        for n, t in shard.tables.items():
+            rows = t.begin_save(serial, base)
+            if how == "snapshot":
+                tables[n] = t.begin_snapshot(rows, base, duty)
+            elif rows is not None or how == "copy":
+                tables[n] = t.rows_of(np.arange(len(t)) if rows is None else rows)
+            else:
+                tables[n] = t.arrays()
+    except BaseException:
+        Staged(tables, {}, {}).close(locked=True)
+        raise
+    copy = how != "live"
     return Staged(tables, {n: {k: a.copy() if copy else a for k, a in d.state.items()}
                            for n, d in shard.dense.items()},
-                  {n: g.applied for n, g in shard.gates.items()}, copying)
+                  {n: g.applied for n, g in shard.gates.items()})
 
 
 def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
            started: float, base: int | None) -> Part:
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
-    staged.finish()
     v = shard.config.virtual_shards
-    vshards = {n: virtual_shard(arrays["ids"], v) for n, arrays in staged.tables.items()}
     try:
+        vshards = {n: virtual_shard(t["ids"] if isinstance(t, dict) else t.ids, v)
+                   for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                                   shard.config.virtual_shards, staged.dense_state, facts,
                                   midway=_fault(serial))
     except BaseException:
         pmetrics.of(shard).save_failed()
         raise
+    finally:
+        staged.close()
     seconds = time.perf_counter() - started
     size = sum(f.size for f in part.files)
     pmetrics.of(shard).shard_written(seconds, size)
@@ -111,15 +113,15 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
     return part
 
 
-def _begin(shard: Shard, serial: int, base: int | None, copy: bool,
-           lazy: bool = False) -> Staged:
+def _begin(shard: Shard, serial: int, base: int | None, how: str,
+           duty: float = 1.0) -> Staged:
     """Stage the shard under every lock; a table that cannot write the delta stages
     nothing (FailedPrecondition)."""
     locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
-        return _stage(shard, copy, serial, base, lazy)
+        return _stage(shard, serial, base, how, duty)
     except ValueError as e:
         raise FailedPrecondition(f"checkpoint_{serial}: {e}") from None
     finally:
@@ -138,7 +140,7 @@ def save_shard(shard: Shard, storage: Storage, serial: int,
     """
     started = time.perf_counter()
     if base is not None:  # a delta: the changed rows are copied, then written unlocked
-        part = _write(shard, _begin(shard, serial, base, copy=True), storage, serial,
+        part = _write(shard, _begin(shard, serial, base, "copy"), storage, serial,
                       started, base)
         pmetrics.of(shard).stalled(time.perf_counter() - started)
         return part
@@ -146,7 +148,7 @@ def save_shard(shard: Shard, storage: Storage, serial: int,
     for lock in locks:
         lock.acquire()
     try:
-        part = _write(shard, _stage(shard, False, serial, None), storage, serial, started,
+        part = _write(shard, _stage(shard, serial, None, "live"), storage, serial, started,
                       None)
         pmetrics.of(shard).stalled(time.perf_counter() - started)
         return part
@@ -157,19 +159,21 @@ def save_shard(shard: Shard, storage: Storage, serial: int,
 
 def save_shard_background(shard: Shard, storage: Storage, serial: int,
                           report: Callable[[Part | None, str | None], None],
-                          base: int | None = None) -> float:
-    """Snapshot the shard (the only part the trainers wait for): a delta's changed rows and
-    the dense state are copied; a full save's tables are copied on write, in the writing
-    thread, which then writes the files and calls `report(part, error)`. Returns the
-    seconds the trainers waited."""
+                          base: int | None = None, duty: float | None = None) -> float:
+    """Snapshot the shard (the only part the trainers wait for: the dense state is copied,
+    the tables' rows are read out as they are written), then write it in a thread of its
+    own, which calls `report(part, error)`, working `duty` of the time (None: the job's
+    checkpoint.background_duty). Returns the seconds the trainers waited."""
+    if duty is None:
+        ckpt = shard.config.checkpoint
+        duty = 1.0 if ckpt is None else ckpt.background_duty
     started = time.perf_counter()
-    staged = _begin(shard, serial, base, copy=True, lazy=True)
+    staged = _begin(shard, serial, base, "snapshot", duty)
     stall = time.perf_counter() - started
     pmetrics.of(shard).stalled(stall)
 
     def write() -> None:
         try:
-            staged.finish()  # at the pserver's priority: pushes may wait on it
             _yield_cpu()
             part = _write(shard, staged, storage, serial, started, base)
         except Exception as e:  # noqa: BLE001 - reported to the coordinator

@@ -11,11 +11,21 @@ marks the generation it saw (`begin_save`), so the rows changed since any
 checkpoint this table saved or restored are those stamped after its mark.
 Nothing is cleared when a save is taken: a save that fails or is never
 committed leaves the next delta (against the last committed base) complete.
+
+A background save reads the rows out of the live table while pushes go on: a
+`Snapshot` notes the row count and the save generation at the barrier, then
+the writer copies the rows chunk by chunk, each chunk under the lock. A push
+to a row the writer has not reached yet first appends the row's old values
+to the snapshot's log (it has just read them for the optimizer anyway), and
+the writer takes them from there: the table's memory is not needed twice,
+only the rows changed during the write are kept aside.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
+import time
 
 import numpy as np
 import xxhash
@@ -27,6 +37,7 @@ from pserver.idindex import IdIndex
 
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 _RECENT = 8  # remembered id -> row lookups per table
+LOCK_ROWS = 2048  # rows a snapshot copies per hold of the table's lock (~1 MB at dim 64)
 _MARKS = 64  # checkpoints a delta can be taken against (the newest committed is one)
 
 
@@ -41,11 +52,11 @@ class SparseTable:
         self._layout = optimizers.state_layout(spec.optimizer, (spec.dim,))
         self._size = 0
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._snapshots: dict[str, np.ndarray] = {}
+        self._spare: dict[str, np.ndarray] = {}  # a snapshot's buffers, kept for the next
         self._gen = 1  # the save generation stamped on rows changed now
         self._marks: dict[int, int] = {}  # checkpoint serial -> the generation it saw
         self._stamps = np.zeros(0, dtype=np.uint32)
-        self._cow: list[int] | None = None  # a snapshot being copied: [rows, gen, copied]
+        self._cow: Snapshot | None = None  # the snapshot being written, if any
         self._alloc(max(16, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -79,7 +90,7 @@ class SparseTable:
     @property
     def allocated_bytes(self) -> int:
         """Bytes allocated: the arrays (grown by doubling) and the snapshot buffers."""
-        arrays = list(self._arrays.values()) + list(self._snapshots.values())
+        arrays = list(self._arrays.values()) + list(self._spare.values())
         return sum(a.nbytes for a in arrays)
 
     def _rows_for(self, ids: np.ndarray) -> np.ndarray:
@@ -130,8 +141,7 @@ class SparseTable:
         """Apply gradients; duplicate ids are summed first, in the order they appear."""
         with self.lock:
             rows, grads = sum_duplicates(self._rows_for(ids), grads)
-            if self._cow is not None:
-                self._preserve(rows)
+            keep = self._cow.to_keep(rows) if self._cow is not None else None
             self._stamps[rows] = self._gen
             a = self._arrays
             values = a["values"]
@@ -140,6 +150,8 @@ class SparseTable:
                 r = rows[lo:lo + step]
                 w = np.take(values, r, axis=0)
                 state = {name: np.take(a[name], r, axis=0) for name in self._layout}
+                if keep is not None:  # the old values, for the snapshot being written
+                    self._cow.keep(r, keep[lo:lo + step], {"values": w, **state})
                 optimizers.apply(self.spec.optimizer, w, grads[lo:lo + step], state)
                 values[r] = w
                 for name, block in state.items():
@@ -149,54 +161,29 @@ class SparseTable:
         """Views of the live rows (hold `lock` while using them)."""
         return {name: arr[: self._size] for name, arr in self._arrays.items()}
 
-    def begin_snapshot(self) -> dict[str, np.ndarray]:
-        """Start a copy-on-write snapshot of the live rows (hold `lock`, right after
-        `begin_save`): buffers that hold the rows as they are now once `finish_snapshot`
-        returns. Until then a push first copies the rows it changes that are not copied
-        yet. The buffers are kept for the next snapshot (one snapshot is valid until the
-        next one; background saves never overlap)."""
-        n = self._size
-        for name, arr in self._arrays.items():
-            snap = self._snapshots.get(name)
-            if snap is None or len(snap) < n or snap.shape[1:] != arr.shape[1:]:
-                snap = np.empty((max(n, 16) + n // 4,) + arr.shape[1:], dtype=arr.dtype)
-                self._snapshots[name] = snap
-        self._cow = [n, self._gen - 1, 0]
-        return {name: snap[:n] for name, snap in self._snapshots.items()}
+    def begin_snapshot(self, rows: np.ndarray | None = None, base: int | None = None,
+                       duty: float = 1.0) -> Snapshot:
+        """Start a snapshot of the live rows (hold `lock`, right after `begin_save`): all of
+        them, or the ascending row numbers `rows` changed since checkpoint `base`. Read it
+        with `Snapshot.read` (which works `duty` of the time, pausing the rest); one
+        snapshot at a time (ValueError otherwise)."""
+        if self._cow is not None:
+            raise ValueError(f"table {self.spec.name!r} is writing a snapshot already")
+        gen = self._gen - 1  # begin_save has moved on: rows stamped after this changed since
+        low = None if base is None else self._marks[base]
+        snap = Snapshot(self, self._arrays["ids"][: self._size], gen, low, rows, duty)
+        if snap.count:  # (an empty one has nothing to keep)
+            self._cow = snap
+        return snap
 
-    def finish_snapshot(self, chunk_rows: int = 16_384) -> None:
-        """Copy the snapshot's rows in chunks, each under `lock` (pushes go on between)."""
-        while self.copy_step(chunk_rows):
-            pass
-
-    def copy_step(self, chunk_rows: int) -> bool:
-        """Copy the snapshot's next `chunk_rows` rows; False once it is complete."""
-        with self.lock:
-            if self._cow is None:
-                return False
-            n, gen, lo = self._cow
-            hi = min(n, lo + chunk_rows)
-            # rows changed since the snapshot hold their old values in the buffers already
-            changed = lo + np.flatnonzero(self._stamps[lo:hi] > gen)
-            for name, arr in self._arrays.items():
-                dst = self._snapshots[name]
-                kept = np.take(dst, changed, axis=0) if name != "ids" else None
-                np.copyto(dst[lo:hi], arr[lo:hi])  # one straight copy, then the old rows back
-                if kept is not None and len(changed):
-                    dst[changed] = kept
-            self._cow = [n, gen, hi] if hi < n else None
-            return self._cow is not None
-
-    def _preserve(self, rows: np.ndarray) -> None:
-        """Copy-on-write: rows a push is about to change, into the snapshot being copied
-        (those not copied yet and not changed since the snapshot; hold `lock`)."""
-        n, gen, done = self._cow
-        rows = rows[(rows >= done) & (rows < n)]
-        rows = rows[self._stamps[rows] <= gen]
-        if len(rows):
-            for name, arr in self._arrays.items():
-                if name != "ids":
-                    self._snapshots[name][rows] = arr[rows]
+    def _buffers(self, name: str, rows: int, like: np.ndarray) -> np.ndarray:
+        """A kept, page-aligned buffer of at least `rows` rows shaped like `like` (fresh
+        memory costs a page fault per 4 KiB; aligned rows are written to disk as they are)."""
+        buf = self._spare.get(name)
+        if buf is None or len(buf) < rows or buf.shape[1:] != like.shape[1:]:
+            buf = self._spare[name] = _aligned_empty((rows + rows // 2,) + like.shape[1:],
+                                                     like.dtype)
+        return buf
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
         """Mark checkpoint `serial` (hold `lock`): None for a full save, else the row numbers
@@ -272,6 +259,137 @@ class SparseTable:
             self._stamps = np.zeros(len(self._arrays["ids"]), dtype=np.uint32)
             self._size = n
             self._gen, self._marks, self._cow = 1, {}, None
+
+
+class Snapshot:
+    """A table's rows as they were at a checkpoint's barrier, read out chunk by chunk
+    while pushes go on (see the module's doc). Positions count the snapshot's rows:
+    row numbers 0..n-1, or the given row numbers of a delta."""
+
+    def __init__(self, table: SparseTable, ids: np.ndarray, gen: int, low: int | None,
+                 rows: np.ndarray | None, duty: float = 1.0) -> None:
+        self.table, self._ids, self.gen, self.low, self.rows = table, ids, gen, low, rows
+        self.duty = duty  # share of the time `read` and the writing between reads may take
+        self._resumed: float | None = None  # when the last pause ended
+        self.n = len(ids)  # the table's rows at the barrier
+        self.count = self.n if rows is None else len(rows)
+        self.done = 0  # positions read out
+        self.logged = 0  # rows kept in the log
+        self._slot = table._buffers("@slot", self.n, np.empty(0, dtype=np.int64))
+        self._chunk: dict[str, np.ndarray] = {}
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The snapshot's ids, in position order (ids of rows never change)."""
+        return self._ids if self.rows is None else np.take(self._ids, self.rows)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """An empty array per column (ids, values, optimizer state): names, dtypes, shapes."""
+        return {name: arr[:0] for name, arr in self.table._arrays.items()}
+
+    def _boundary(self) -> int:
+        """The first row number not read out yet."""
+        if self.rows is None:
+            return self.done
+        return int(self.rows[self.done]) if self.done < self.count else self.n
+
+    def to_keep(self, rows: np.ndarray) -> np.ndarray | None:
+        """Which of these rows (unique) a push must keep before changing them (hold the
+        table's lock): rows of the snapshot not read out yet and not changed since."""
+        b = self._boundary()
+        if b >= self.n:
+            return None
+        stamps = self.table._stamps[rows]
+        mask = (rows >= b) & (rows < self.n) & (stamps <= self.gen)
+        if self.low is not None:
+            mask &= stamps > self.low
+        return mask if mask.any() else None
+
+    def keep(self, rows: np.ndarray, mask: np.ndarray, old: dict[str, np.ndarray]) -> None:
+        """Append the old values of rows[mask] to the log (hold the table's lock)."""
+        chosen = rows[mask]
+        k = len(chosen)
+        if not k:
+            return
+        lo, hi = self.logged, self.logged + k
+        for name, block in old.items():
+            log = self.table._spare.get("@log:" + name)
+            if log is None or len(log) < hi or log.shape[1:] != block.shape[1:]:
+                grown = _aligned_empty((max(hi, 2 * (0 if log is None else len(log)), 1024),)
+                                       + block.shape[1:], block.dtype)
+                if log is not None and lo:
+                    grown[:lo] = log[:lo]
+                log = self.table._spare["@log:" + name] = grown
+            np.compress(mask, block, axis=0, out=log[lo:hi])
+        self._slot[chosen] = np.arange(lo, hi)
+        self.logged = hi
+
+    def read(self, hi: int) -> dict[str, np.ndarray]:
+        """The next rows, up to position `hi`: every column as it was at the barrier, in
+        buffers that the next read reuses. Copies LOCK_ROWS rows at a time under the
+        table's lock, so that a push waits for a short copy at most. With `duty` < 1 it
+        first pauses: the time since the last pause ended (this thread reading and
+        writing) times 1/duty - 1."""
+        t = self.table
+        if self.duty < 1 and self._resumed is not None:  # pause, then go on
+            time.sleep((time.perf_counter() - self._resumed) * (1 / self.duty - 1))
+        self._resumed = time.perf_counter()
+        lo = self.done
+        k = hi - lo
+        out = {"ids": self._ids[lo:hi] if self.rows is None else
+               np.take(self._ids, self.rows[lo:hi])}
+        for name, arr in self.columns().items():
+            if name != "ids":
+                out[name] = t._buffers("@chunk:" + name, k, arr)[:k]
+        for a in range(lo, hi, LOCK_ROWS):
+            b = min(hi, a + LOCK_ROWS)
+            with t.lock:
+                self._copy(a, b, {name: buf[a - lo:b - lo] for name, buf in out.items()
+                                  if name != "ids"})
+            time.sleep(0)  # let a push waiting for the lock (and the GIL) go first
+        return out
+
+    def _copy(self, lo: int, hi: int, out: dict[str, np.ndarray]) -> None:
+        """Positions lo..hi into `out` (hold the table's lock; lo is `done`)."""
+        t = self.table
+        if t._cow is not self:
+            raise RuntimeError(f"table {t.spec.name!r}: the snapshot was abandoned "
+                               f"(the table was reloaded)")
+        for name, buf in out.items():
+            arr = t._arrays[name]
+            if self.rows is None:
+                np.copyto(buf, arr[lo:hi])
+            else:
+                np.take(arr, self.rows[lo:hi], axis=0, out=buf)
+        if self.rows is None:
+            changed = np.flatnonzero(t._stamps[lo:hi] > self.gen)
+            changed_rows = lo + changed
+        else:
+            changed = np.flatnonzero(t._stamps[self.rows[lo:hi]] > self.gen)
+            changed_rows = self.rows[lo:hi][changed]
+        if len(changed):  # changed since the barrier: their old values are in the log
+            slots = self._slot[changed_rows]
+            for name, buf in out.items():
+                buf[changed] = t._spare["@log:" + name][slots]
+        self.done = hi
+        if hi >= self.count:
+            t._cow = None
+
+    def close(self, locked: bool = False) -> None:
+        """Stop (a save that failed, or is done): pushes no longer keep rows for it.
+        `locked`: the caller holds the table's lock."""
+        if not locked:
+            with self.table.lock:
+                self.close(locked=True)
+        elif self.table._cow is self:
+            self.table._cow = None
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array at a page boundary (anonymous memory, mapped on first use)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class DenseVariable:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import mmap
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
 from ckpt.config import from_section
 from ckpt.manifest import merge
-from ckpt.storage import LocalStorage
+from ckpt.storage import HEADER_ALIGN, ArrayWriter, DirectFile, LocalStorage, npy_header
 
 JOB = {"name": "j", "mode": "sync", "num_pservers": 1, "num_trainers": 1,
        "virtual_shards": 4, "tables": {"t": {"dim": 2, "optimizer": "sgd", "state": []}},
@@ -36,7 +39,10 @@ def test_parse_serial_ignores_everything_else() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("max_num_checkpoints", 0), ("epoch_interval", -1),
-                                         ("step_interval", 1.5), ("checkpoint_dir", "")])
+                                         ("step_interval", 1.5), ("checkpoint_dir", ""),
+                                         ("background_duty", 0), ("background_duty", 1.5),
+                                         ("background_duty", True),
+                                         ("background_duty", "half")])
 def test_config_names_the_bad_field(field: str, value: object) -> None:
     args = {"checkpoint_dir": "d", field: value}
     with pytest.raises(ValueError, match=f"^{field}: "):
@@ -112,3 +118,52 @@ def test_lock_refuses_another_job_and_lets_the_same_job_back(tmp_path: Path) -> 
     assert lock.break_lock(storage)["job"] == "ctr"
     assert lock.acquire(storage, "other")["job"] == "other"
     assert json.loads((tmp_path / layout.LOCK).read_text())["job"] == "other"
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_direct_writes_keep_every_byte_aligned_or_not(tmp_path: Path, where: str) -> None:
+    """Whole aligned blocks go to the disk as they are, the rest through the buffer, the
+    tail without O_DIRECT; tmpfs refuses O_DIRECT and gets plain writes."""
+    if where == "tmpfs":
+        if not Path("/dev/shm").is_dir():
+            pytest.skip("no /dev/shm here")
+        tmp_path = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    rng = np.random.default_rng(0)
+    aligned = np.frombuffer(mmap.mmap(-1, 3 * 4096), dtype=np.uint8)
+    aligned[:] = rng.integers(0, 255, len(aligned), dtype=np.uint8)
+    pieces = [rng.integers(0, 255, 100, dtype=np.uint8), aligned,  # after 100 bytes
+              rng.integers(0, 255, 9 << 20, dtype=np.uint8),  # more than the buffer
+              aligned[:4096], rng.integers(0, 255, 5000, dtype=np.uint8)]
+    try:
+        with DirectFile(tmp_path / "f") as f:
+            f.write(pieces[0])
+            f.write(pieces[1])
+            f.write(pieces[2])
+            f.fsync()  # a tail now, then more
+            f.write(aligned[:4096])
+            f.write(pieces[4])
+        assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
+        assert where == "disk" or not f.direct
+    finally:
+        if where == "tmpfs":
+            shutil.rmtree(tmp_path)
+
+
+def test_npy_data_starts_on_a_block_boundary_and_numpy_reads_it(tmp_path: Path) -> None:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header = npy_header(arr.dtype, arr.shape)
+    assert len(header) == HEADER_ALIGN
+    entry = LocalStorage(tmp_path).write_array("", "a.npy", arr)
+    assert entry.size == HEADER_ALIGN + arr.nbytes
+    assert np.array_equal(np.load(tmp_path / "a.npy"), arr)
+    assert np.array_equal(np.load(tmp_path / "a.npy", mmap_mode="r"), arr)
+
+
+def test_an_array_file_with_too_few_rows_is_refused(tmp_path: Path) -> None:
+    with DirectFile(tmp_path / "short") as f:
+        w = ArrayWriter(f, "short", np.dtype(np.float32), (4, 2))
+        w.write(np.zeros((3, 2), dtype=np.float32))
+        with pytest.raises(TypeError, match="rows of float64"):
+            w.write(np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="wrote 4120 bytes, its header promises 4128"):
+        w.entry()

@@ -15,7 +15,7 @@ from ckpt import CheckpointConfig, reader, retention, writer
 from ckpt import __main__ as ckpt_cli
 from ckpt.config import from_section
 from ckpt.manifest import Part, merge
-from ckpt.storage import LocalStorage, open_storage
+from ckpt.storage import HEADER_ALIGN, LocalStorage, open_storage
 from pserver import persist, sharding
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition
@@ -103,8 +103,9 @@ def test_a_delta_chain_restores_bit_identical_to_a_full_checkpoint(tmp_path: Pat
     m3 = reader.load_manifest(storage, 3)
     assert sum(m3.pservers[p]["rows"]["emb"] for p in ("0", "1")) == 10 + 3 + 5
     save(storage, live, 4)  # the same state, full
-    def values_bytes(m: object) -> int:
-        return sum(f["size"] for rel, f in m.files.items() if rel.endswith("emb.values"))
+    def values_bytes(m: object) -> int:  # the rows' bytes, without the .npy headers
+        return sum(f["size"] - HEADER_ALIGN for rel, f in m.files.items()
+                   if rel.endswith("emb.values"))
 
     assert values_bytes(m3) < values_bytes(reader.load_manifest(storage, 4)) / 50
     assert [m.serial for m in reader.chain(storage, m3)] == [0, 1, 3]
@@ -214,7 +215,18 @@ def test_every_kth_save_is_full() -> None:
     assert CheckpointConfig("d").next_base(5, 0) == -1  # the default: always full
 
 
-def test_a_copy_on_write_snapshot_holds_the_rows_as_they_were() -> None:
+def read_all(snap: object, first: int, chunk: int, between: object = None) -> dict:
+    """Read a snapshot out: `first` rows, then (after `between()`) `chunk` rows at a time."""
+    pieces = [{k: v.copy() for k, v in snap.read(first).items()}]
+    if between is not None:
+        between()
+    while snap.done < snap.count:
+        pieces.append({k: v.copy() for k, v in
+                       snap.read(min(snap.count, snap.done + chunk)).items()})
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+
+
+def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> None:
     shard = shards(1)[0]
     table = shard.tables["emb"]
     ids = np.arange(3000, dtype=np.uint64)
@@ -223,21 +235,64 @@ def test_a_copy_on_write_snapshot_holds_the_rows_as_they_were() -> None:
     with table.lock:
         table.begin_save(0, None)
         snap = table.begin_snapshot()
-    for name in ("values", "accum"):
-        snap[name][:] = np.nan  # what is not copied shows
-    assert table.copy_step(1000)  # rows 0..999 copied
-    # pushes while the snapshot is copied: to rows copied already, rows not copied yet,
-    # rows changed twice, and new rows
-    changed = np.concatenate([ids[10:20], ids[2000:2010], np.arange(5000, 5003,
-                                                                    dtype=np.uint64)])
-    train([shard], changed, 1)
-    train([shard], ids[2005:2015], 2)
-    table.finish_snapshot(chunk_rows=700)
+    with pytest.raises(ValueError, match="writing a snapshot already"):
+        table.begin_snapshot()
+
+    def pushes() -> None:  # to rows read already, rows not read yet, rows changed twice,
+        changed = np.concatenate([ids[10:20], ids[2000:2010],  # and new rows
+                                  np.arange(5000, 5003, dtype=np.uint64)])
+        train([shard], changed, 1)
+        train([shard], ids[2005:2015], 2)
+
+    got = read_all(snap, 1000, 700, pushes)
     for name, arr in before.items():
-        assert snap[name].tobytes() == arr.tobytes(), name
+        assert got[name].tobytes() == arr.tobytes(), name
     after = table.export()
-    assert len(after["ids"]) == 3003 and not table.copy_step(1)
+    assert len(after["ids"]) == 3003 and snap.logged == 15  # 2000..2014 kept once each
     assert not np.array_equal(after["values"][2000:2015], before["values"][2000:2015])
+    with table.lock:  # done: the next snapshot may begin
+        table.begin_save(1, None)
+        table.begin_snapshot().close(locked=True)
+
+
+def test_a_delta_snapshot_reads_the_changed_rows_as_they_were() -> None:
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(3000, dtype=np.uint64)
+    train([shard], ids, 0)
+    with table.lock:
+        table.begin_save(0, None)
+    train([shard], ids[::3], 1)  # rows 0, 3, 6, ... change after checkpoint 0
+    before = table.export()
+    with table.lock:
+        rows = table.begin_save(1, 0)
+        snap = table.begin_snapshot(rows, 0)
+    assert np.array_equal(rows, np.arange(0, 3000, 3)) and snap.count == 1000
+    assert np.array_equal(snap.ids, ids[::3])
+    got = read_all(snap, 300, 128, lambda: train([shard], ids[:2000], 2))
+    for name, arr in before.items():
+        assert got[name].tobytes() == arr[::3].tobytes(), name
+    # rows 900.. of the delta (1..2 of every 3 not in it) were kept: 2000 // 3 - 300
+    assert snap.logged == len(range(900, 2000, 3))
+
+
+def test_a_failed_save_stops_its_snapshot_and_a_reload_abandons_one() -> None:
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    train([shard], np.arange(100, dtype=np.uint64), 0)
+    with table.lock:
+        table.begin_save(0, None)
+        snap = table.begin_snapshot()
+    snap.read(10)
+    snap.close()  # what a failed save does: pushes keep nothing now
+    train([shard], np.arange(100, dtype=np.uint64), 1)
+    assert snap.logged == 0
+    with table.lock:
+        table.begin_save(1, None)
+        snap = table.begin_snapshot()
+    table.load(table.export())
+    with pytest.raises(RuntimeError, match="abandoned"):
+        snap.read(10)
 
 
 def test_a_pserver_that_cannot_write_the_delta_makes_the_next_save_full(

@@ -50,7 +50,8 @@ class Checkpointer:
                     return persist.save_shard(shard, self.storage, serial, delta_of)
                 persist.save_shard_background(
                     shard, self.storage, serial,
-                    lambda part, err: self.coord.report_part(0, serial, part, err), delta_of)
+                    lambda part, err: self.coord.report_part(0, serial, part, err), delta_of,
+                    config.background_duty)
                 return None
 
             self.coord: Coordinator | CoordinatorClient = Coordinator(
