@@ -1,6 +1,7 @@
 """Checkpoints of two pservers: blocking and background saves, deltas, restore, resharding.
 
     python benchmarks/checkpoint.py [--rows N] [--dir DIR] [--touch F] [--window S] [--rounds R]
+                                    [--duty D]
 
 Two pserver processes hold one table of N rows (default 4,000,000) of dim 64
 with Adagrad state. The script saves a checkpoint through the coordinator (as
@@ -10,12 +11,14 @@ again with `background = true` and `full_every = 2`, and times the restore (the
 coordinator's checksum verification plus the slowest pserver's load). Then:
 it pushes gradients to a fraction F of the rows (default 1%) and saves a delta
 (`incremental_bytes_vs_full`: its bytes over the full checkpoint's); saves
-fulls in the background and times how long the trainer is held (`stall_s`, the
-pservers copy their shards in memory; the first such save maps the snapshot
-buffers) against the blocking save; and runs a trainer's load (pushes of 4096
-random rows, back to back) for S seconds with no save, then while a full save
-is written, R times (`train_during_save_vs_idle`: the median of pushes/s
-during over pushes/s idle).
+fulls in the background and times how long the trainer is held (`stall_s`: the
+pservers note their row counts and copy the dense state) against the blocking
+save; and runs a trainer's load (pushes of 4096 random rows, back to back) for
+S seconds with no save, then while a full save is written (with
+`background_duty = D`, default the key's default), R times, after one save
+under load to warm up (`train_during_save_vs_idle`: the median of pushes/s
+during over pushes/s idle; `save_cost_s`: the median of (1 - that ratio) x the
+seconds the save was written, i.e. the seconds of training a save costs).
 Last, it restores the newest (full) checkpoint cold onto two pservers and
 onto three, twice each, alternating (the best of each: `plain_restore_s`,
 `reshard_restore_s`, and their ratio `reshard_vs_plain_restore`).
@@ -43,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from _common import wait_ready_file
 
-from ckpt import reader, writer
+from ckpt import CheckpointConfig, reader, writer
 from ckpt.storage import LocalStorage
 from pserver import config as cfg
 from pserver.client import PSClient
@@ -215,6 +218,9 @@ def main() -> None:
                     help="fraction of the rows changed before the delta (default 0.01)")
     ap.add_argument("--window", type=float, default=3.0,
                     help="seconds of pushes timed with no save running (default 3)")
+    ap.add_argument("--duty", type=float, default=None,
+                    help="checkpoint.background_duty of the background saves (default: the "
+                         "key's default)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="pushes timed with no save, then during a full save: how many "
                          "times (default 3; the median ratio is reported)")
@@ -233,8 +239,12 @@ def main() -> None:
     ids = np.arange(args.rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     before = blocking_phase(job, work, ckdir, ids, out)
     # background saves, a full one every 2: restored full, then delta, full, delta, ...
-    job.write_text(dump_toml({**doc, "checkpoint": {**doc["checkpoint"], "background": True,
-                                                    "full_every": 2}}))
+    background = {**doc["checkpoint"], "background": True, "full_every": 2}
+    if args.duty is not None:
+        background["background_duty"] = args.duty
+    out["background_duty"] = background.get("background_duty",
+                                            CheckpointConfig("d").background_duty)
+    job.write_text(dump_toml({**doc, "checkpoint": background}))
     background_phase(job, work, ckdir, ids, args, out)
     # the newest checkpoint (full) restored cold onto 2 and onto 3 pservers, twice each,
     # alternating: the best of each
@@ -302,15 +312,17 @@ def background_phase(job: Path, work: Path, ckdir: Path, ids: np.ndarray,
     print(f"delta checkpoint_{d1} of checkpoint_{m.base} ({touched:,} rows touched): "
           f"{m.total_bytes / 1e6:.1f} MB, trainers held {out['delta_stall_s']:.2f}s",
           flush=True)
-    _, out["first_stall_s"], _ = saver.save()  # full; maps the snapshot buffers
+    _, out["first_stall_s"], _ = saver.save()  # full
     saver.save()  # a delta
     f4, out["stall_s"], out["background_commit_s"] = saver.save()
     assert reader.load_manifest(storage, f4).kind == "full"
     print(f"background save: trainers held {out['stall_s']:.2f}s (the first one "
-          f"{out['first_stall_s']:.2f}s, while the snapshot buffers are mapped), committed "
+          f"{out['first_stall_s']:.2f}s), committed "
           f"after {out['background_commit_s']:.2f}s", flush=True)
     pusher = Pusher(config, ids)
-    time.sleep(1.0)  # warm up
+    time.sleep(1.0)  # warm up, and one save under load (it sizes the pservers' buffers)
+    saver.save()
+    saver.save()
     rounds = []  # (idle, during): other load on the machine comes and goes, so the two
     for _ in range(args.rounds):  # are measured back to back, a few times
         t0 = time.perf_counter()
@@ -320,15 +332,18 @@ def background_phase(job: Path, work: Path, ckdir: Path, ids: np.ndarray,
         t0 = time.perf_counter()
         full, stall, commit = saver.save()
         assert reader.load_manifest(storage, full).kind == "full"
-        rounds.append((idle, pusher.rate(t0 + stall, t0 + commit)))
+        rounds.append((idle, pusher.rate(t0 + stall, t0 + commit), commit - stall))
         print(f"pushes of {Pusher.BATCH} rows: {idle:.1f}/s with no save, "
               f"{rounds[-1][1]:.1f}/s while checkpoint_{full} was written "
               f"({commit - stall:.2f}s)", flush=True)
     pusher.close()
     saver.close()
-    ratios = sorted(d / max(i, 1e-9) for i, d in rounds)
+    ratios = sorted(d / max(i, 1e-9) for i, d, _ in rounds)
     out["train_during_save_vs_idle"] = ratios[len(ratios) // 2]  # the median
-    out["train_during_save_rounds"] = [[round(i, 1), round(d, 1)] for i, d in rounds]
+    costs = sorted((1 - d / max(i, 1e-9)) * s for i, d, s in rounds)
+    out["save_cost_s"] = costs[len(costs) // 2]
+    out["train_during_save_rounds"] = [[round(i, 1), round(d, 1), round(s, 2)]
+                                       for i, d, s in rounds]
     stop(procs)
 
 
@@ -355,8 +370,10 @@ def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) 
         "delta_bytes": out["delta_bytes"],
         "incremental_bytes_vs_full": round(out["delta_bytes"] / nbytes, 4),
         "delta_stall_s": r(out["delta_stall_s"]), "delta_commit_s": r(out["delta_commit_s"]),
+        "background_duty": out["background_duty"],
         "train_during_save_vs_idle": r(out["train_during_save_vs_idle"]),
-        "pushes_per_s_idle_during_rounds": out["train_during_save_rounds"],
+        "save_cost_s": r(out["save_cost_s"]),
+        "pushes_per_s_idle_during_write_s_rounds": out["train_during_save_rounds"],
         "reshard_restore_s": r(out["reshard_restore_s"]),
         "plain_restore_s": r(out["plain_restore_s"]),
         "reshard_vs_plain_restore": r(out["reshard_restore_s"] / out["plain_restore_s"]),
