@@ -103,8 +103,8 @@ KEYS = {
     "max_num_checkpoints": (int, 3, "complete checkpoints kept; older ones are removed"),
     "epoch_interval": (int, 1, "save only in epochs where epoch_id % epoch_interval == 0"),
     "step_interval": (int, 10, "save after steps where step_id % step_interval == 0"),
-    "background": (bool, False, "true: trainers wait only while pservers copy their shards "
-                   "in memory; files are written and committed in the background (a trigger "
+    "background": (bool, False, "true: trainers wait only while pservers note a snapshot "
+                   "of their shards; files are written and committed in the background (a trigger "
                    "that comes while a save is still being written is skipped; the final "
                    "checkpoint waits for it)"),
     "full_every": (int, 1, "a full checkpoint every K saves; the saves between hold only the "

@@ -89,7 +89,8 @@ class SparseTable:
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes allocated: the arrays (grown by doubling) and the snapshot buffers."""
+        """Bytes allocated: the arrays (grown by doubling) and the kept buffers of
+        background saves (chunks, the log of rows kept aside, its index)."""
         arrays = list(self._arrays.values()) + list(self._spare.values())
         return sum(a.nbytes for a in arrays)
 
