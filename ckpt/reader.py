@@ -169,7 +169,7 @@ def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[st
     the needed rows are read (memory-mapped), in file order.
     """
     base = layout.checkpoint_name(manifest.serial)
-    pieces: dict[str, list[np.ndarray]] = {a: [] for a in arrays}
+    plan = []  # (old pserver, its rows to read, or None: all of them)
     for p in range(manifest.num_pservers):
         offsets = storage.read_array(f"{base}/{layout.table_file(p, table, 'vshards')}")
         lo = int(offsets[min(vshard_lo, len(offsets) - 1)])
@@ -177,15 +177,38 @@ def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[st
         if hi <= lo:
             continue
         if lo == 0 and hi == int(offsets[-1]):  # the whole old shard: read it straight
-            for a in arrays:
-                pieces[a].append(storage.read_array(f"{base}/{layout.table_file(p, table, a)}"))
+            plan.append((p, None, hi))
             continue
         order = storage.read_array(f"{base}/{layout.table_file(p, table, 'order')}", mmap=True)
-        rows = np.sort(order[lo:hi])  # ascending: the reads walk each file forward
-        for a in arrays:
-            arr = storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=True)
-            pieces[a].append(np.take(arr, rows, axis=0))
-    return {a: (v[0] if len(v) == 1 else np.concatenate(v)) for a, v in pieces.items() if v}
+        plan.append((p, np.sort(order[lo:hi]), hi - lo))  # ascending: reads walk forward
+    if not plan:
+        return {}
+
+    def source(p: int, a: str) -> np.ndarray:
+        return storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=True)
+
+    if len(plan) == 1:  # one piece: no copy into a joined array
+        p, rows, _ = plan[0]
+        if rows is None:
+            return {a: storage.read_array(f"{base}/{layout.table_file(p, table, a)}")
+                    for a in arrays}
+        return {a: np.take(source(p, a), rows, axis=0) for a in arrays}
+    # several pieces go straight into one array each (no pieces, then a joined copy: half
+    # the memory touched)
+    total = sum(n for _, _, n in plan)
+    out = {}
+    for a in arrays:
+        at = 0
+        for p, rows, n in plan:
+            src = source(p, a)
+            if a not in out:
+                out[a] = np.empty((total,) + src.shape[1:], dtype=src.dtype)
+            if rows is None:
+                np.copyto(out[a][at:at + n], src)
+            else:
+                np.take(src, rows, axis=0, out=out[a][at:at + n])
+            at += n
+    return out
 
 
 def read_all(storage: Storage, manifest: Manifest) -> dict[str, dict[str, np.ndarray]]:
