@@ -167,3 +167,31 @@ def test_an_array_file_with_too_few_rows_is_refused(tmp_path: Path) -> None:
             w.write(np.zeros((1, 2)))
     with pytest.raises(ValueError, match="wrote 4120 bytes, its header promises 4128"):
         w.entry()
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_plain_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems open a file O_DIRECT and then refuse the writes (EINVAL): the
+    bytes gathered so far and everything after go through plain writes, in order."""
+    import errno as errno_
+    import fcntl
+    import os
+
+    real_write = os.write
+
+    def write(fd: int, data: object) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno_.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    rng = np.random.default_rng(1)
+    aligned = np.frombuffer(mmap.mmap(-1, 2 * 4096), dtype=np.uint8)
+    aligned[:] = rng.integers(0, 255, len(aligned), dtype=np.uint8)
+    pieces = [rng.integers(0, 255, 4096, dtype=np.uint8), aligned,
+              rng.integers(0, 255, 10_000, dtype=np.uint8), aligned]
+    with DirectFile(tmp_path / "f") as f:
+        for p in pieces:
+            f.write(p)
+    assert not f.direct
+    assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
