@@ -184,14 +184,13 @@ def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[st
     if not plan:
         return {}
 
-    def source(p: int, a: str) -> np.ndarray:
-        return storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=True)
+    def source(p: int, a: str, mmap: bool = True) -> np.ndarray:
+        return storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=mmap)
 
     if len(plan) == 1:  # one piece: no copy into a joined array
         p, rows, _ = plan[0]
         if rows is None:
-            return {a: storage.read_array(f"{base}/{layout.table_file(p, table, a)}")
-                    for a in arrays}
+            return {a: source(p, a, mmap=False) for a in arrays}
         return {a: np.take(source(p, a), rows, axis=0) for a in arrays}
     # several pieces go straight into one array each (no pieces, then a joined copy: half
     # the memory touched)

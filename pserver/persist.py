@@ -46,7 +46,7 @@ class Staged:
     """What a pserver saves: its tables (live arrays under the locks, copies, or snapshots
     read as they are written), dense optimizer state and step counters."""
 
-    tables: dict[str, writer.Rows | dict[str, np.ndarray]]
+    tables: dict[str, writer.Rows]
     dense_state: dict[str, dict[str, np.ndarray]]
     applied: dict[str, int]
 
@@ -68,16 +68,17 @@ def _stage(shard: Shard, serial: int, base: int | None, how: str,
     rows changed since checkpoint `base`. `how`: "live" (the arrays themselves; a delta's
     rows are copied), "copy" (copies) or "snapshot" (read out of the live tables as they
     are written, working `duty` of the time; the dense state is copied)."""
-    tables: dict[str, writer.Rows | dict[str, np.ndarray]] = {}
+    tables: dict[str, writer.Rows] = {}
     try:
         for n, t in shard.tables.items():
             rows = t.begin_save(serial, base)
             if how == "snapshot":
                 tables[n] = t.begin_snapshot(rows, base, duty)
             elif rows is not None or how == "copy":
-                tables[n] = t.rows_of(np.arange(len(t)) if rows is None else rows)
+                tables[n] = writer.ArrayRows(t.rows_of(np.arange(len(t)) if rows is None
+                                                       else rows))
             else:
-                tables[n] = t.arrays()
+                tables[n] = writer.ArrayRows(t.arrays())
     except BaseException:
         Staged(tables, {}, {}).close(locked=True)
         raise
@@ -93,8 +94,7 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
     v = shard.config.virtual_shards
     try:
-        vshards = {n: virtual_shard(t["ids"] if isinstance(t, dict) else t.ids, v)
-                   for n, t in staged.tables.items()}
+        vshards = {n: virtual_shard(t.ids, v) for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                                   shard.config.virtual_shards, staged.dense_state, facts,
                                   midway=_fault(serial))

@@ -177,13 +177,17 @@ class SparseTable:
             self._cow = snap
         return snap
 
-    def _buffers(self, name: str, rows: int, like: np.ndarray) -> np.ndarray:
+    def _buffers(self, name: str, rows: int, like: np.ndarray, keep: int = 0) -> np.ndarray:
         """A kept, page-aligned buffer of at least `rows` rows shaped like `like` (fresh
-        memory costs a page fault per 4 KiB; aligned rows are written to disk as they are)."""
+        memory costs a page fault per 4 KiB; aligned rows are written to disk as they are).
+        A buffer that grows keeps its first `keep` rows."""
         buf = self._spare.get(name)
-        if buf is None or len(buf) < rows or buf.shape[1:] != like.shape[1:]:
-            buf = self._spare[name] = _aligned_empty((rows + rows // 2,) + like.shape[1:],
-                                                     like.dtype)
+        if buf is None or len(buf) < rows or buf.shape[1:] != like.shape[1:] \
+                or buf.dtype != like.dtype:
+            grown = _aligned_empty((rows + rows // 2,) + like.shape[1:], like.dtype)
+            if keep:
+                grown[:keep] = buf[:keep]
+            buf = self._spare[name] = grown
         return buf
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
@@ -277,7 +281,6 @@ class Snapshot:
         self.done = 0  # positions read out
         self.logged = 0  # rows kept in the log
         self._slot = table._buffers("@slot", self.n, np.empty(0, dtype=np.int64))
-        self._chunk: dict[str, np.ndarray] = {}
 
     @property
     def ids(self) -> np.ndarray:
@@ -314,13 +317,7 @@ class Snapshot:
             return
         lo, hi = self.logged, self.logged + k
         for name, block in old.items():
-            log = self.table._spare.get("@log:" + name)
-            if log is None or len(log) < hi or log.shape[1:] != block.shape[1:]:
-                grown = _aligned_empty((max(hi, 2 * (0 if log is None else len(log)), 1024),)
-                                       + block.shape[1:], block.dtype)
-                if log is not None and lo:
-                    grown[:lo] = log[:lo]
-                log = self.table._spare["@log:" + name] = grown
+            log = self.table._buffers("@log:" + name, hi, block, keep=lo)
             np.compress(mask, block, axis=0, out=log[lo:hi])
         self._slot[chosen] = np.arange(lo, hi)
         self.logged = hi
