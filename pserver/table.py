@@ -14,7 +14,8 @@ committed leaves the next delta (against the last committed base) complete.
 
 A background save reads the rows out of the live table while pushes go on: a
 `Snapshot` notes the row count and the save generation at the barrier, then
-the writer copies the rows chunk by chunk, each chunk under the lock. A push
+the writer copies the rows chunk by chunk, without the lock, and under it
+only checks which of them were changed meanwhile (see `Snapshot.read`). A push
 to a row the writer has not reached yet first appends the row's old values
 to the snapshot's log (it has just read them for the optimizer anyway), and
 the writer takes them from there: the table's memory is not needed twice,
@@ -37,7 +38,6 @@ from pserver.idindex import IdIndex
 
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 _RECENT = 8  # remembered id -> row lookups per table
-LOCK_ROWS = 2048  # rows a snapshot copies per hold of the table's lock (~1 MB at dim 64)
 _MARKS = 64  # checkpoints a delta can be taken against (the newest committed is one)
 
 
@@ -324,10 +324,14 @@ class Snapshot:
 
     def read(self, hi: int) -> dict[str, np.ndarray]:
         """The next rows, up to position `hi`: every column as it was at the barrier, in
-        buffers that the next read reuses. Copies LOCK_ROWS rows at a time under the
-        table's lock, so that a push waits for a short copy at most. With `duty` < 1 it
-        first pauses: the time since the last pause ended (this thread reading and
-        writing) times 1/duty - 1."""
+        buffers that the next read reuses. The rows are copied without the table's lock
+        (pushes go on); then, under it, the rows changed since the barrier (their stamps
+        say so) are replaced by their old values from the log: a push stamps its rows
+        before changing them, and keeps them in the log while they are at or past `done`,
+        which moves on only here, under the lock. The lock is held for that check alone,
+        so a writer at a low CPU priority, descheduled, does not hold pushes up. With
+        `duty` < 1 it first pauses: the time since the last pause ended (this thread
+        reading and writing) times 1/duty - 1."""
         t = self.table
         if self.duty < 1 and self._resumed is not None:  # pause, then go on
             time.sleep((time.perf_counter() - self._resumed) * (1 / self.duty - 1))
@@ -336,29 +340,29 @@ class Snapshot:
         k = hi - lo
         out = {"ids": self._ids[lo:hi] if self.rows is None else
                np.take(self._ids, self.rows[lo:hi])}
-        for name, arr in self.columns().items():
-            if name != "ids":
-                out[name] = t._buffers("@chunk:" + name, k, arr)[:k]
-        for a in range(lo, hi, LOCK_ROWS):
-            b = min(hi, a + LOCK_ROWS)
-            with t.lock:
-                self._copy(a, b, {name: buf[a - lo:b - lo] for name, buf in out.items()
-                                  if name != "ids"})
-            time.sleep(0)  # let a push waiting for the lock (and the GIL) go first
+        arrays = t._arrays  # (a reload replaces them: checked under the lock below)
+        try:
+            for name, arr in arrays.items():
+                if name != "ids":
+                    buf = out[name] = t._buffers("@chunk:" + name, k, arr)[:k]
+                    if self.rows is None:
+                        np.copyto(buf, arr[lo:hi])
+                    else:
+                        np.take(arr, self.rows[lo:hi], axis=0, out=buf)
+        except (ValueError, IndexError):
+            if t._cow is self:
+                raise
+        with t.lock:
+            self._patch(lo, hi, out)
         return out
 
-    def _copy(self, lo: int, hi: int, out: dict[str, np.ndarray]) -> None:
-        """Positions lo..hi into `out` (hold the table's lock; lo is `done`)."""
+    def _patch(self, lo: int, hi: int, out: dict[str, np.ndarray]) -> None:
+        """Positions lo..hi, just copied into `out`: the rows changed since the barrier
+        get their old values from the log (hold the table's lock; lo is `done`)."""
         t = self.table
         if t._cow is not self:
             raise RuntimeError(f"table {t.spec.name!r}: the snapshot was abandoned "
                                f"(the table was reloaded)")
-        for name, buf in out.items():
-            arr = t._arrays[name]
-            if self.rows is None:
-                np.copyto(buf, arr[lo:hi])
-            else:
-                np.take(arr, self.rows[lo:hi], axis=0, out=buf)
         if self.rows is None:
             changed = np.flatnonzero(t._stamps[lo:hi] > self.gen)
             changed_rows = lo + changed
@@ -368,7 +372,8 @@ class Snapshot:
         if len(changed):  # changed since the barrier: their old values are in the log
             slots = self._slot[changed_rows]
             for name, buf in out.items():
-                buf[changed] = t._spare["@log:" + name][slots]
+                if name != "ids":
+                    buf[changed] = t._spare["@log:" + name][slots]
         self.done = hi
         if hi >= self.count:
             t._cow = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +256,82 @@ def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> No
         table.begin_snapshot().close(locked=True)
 
 
+@pytest.mark.parametrize("delta", [False, True])
+def test_pushes_while_the_rows_are_copied_do_not_reach_the_snapshot(
+        monkeypatch: pytest.MonkeyPatch, delta: bool) -> None:
+    """The writer copies rows without the table's lock: a push that lands during the copy
+    (here: at the start of each column's copy, so the copy sees the new values) is
+    undone from the log under the lock."""
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(2000, dtype=np.uint64)
+    train([shard], ids, 0)
+    with table.lock:
+        table.begin_save(0, None)
+    train([shard], ids[::2], 1)  # the delta: every other row
+    before = table.export()
+    with table.lock:
+        rows = table.begin_save(1, 0 if delta else None)
+        snap = table.begin_snapshot(rows, 0 if delta else None)
+    copy, take, seeds = np.copyto, np.take, iter(range(100, 10_000))
+
+    def push_first(real):  # the real copy, after a push to rows being copied and beyond
+        def copy(*args, **kwargs):
+            if not table.lock.locked():  # the unlocked copy (not the patch under the lock)
+                lo = snap.done
+                train([shard], ids[lo:lo + 700:3], next(seeds))
+            return real(*args, **kwargs)
+        return copy
+
+    monkeypatch.setattr(np, "copyto", push_first(copy))
+    monkeypatch.setattr(np, "take", push_first(take))
+    got = read_all(snap, 256, 512)
+    monkeypatch.undo()
+    want = {k: a[rows] if delta else a for k, a in before.items()}
+    for name, arr in want.items():
+        assert got[name].tobytes() == arr.tobytes(), name
+    assert snap.logged > 0
+    assert not np.array_equal(table.export()["values"], before["values"])
+
+
+def test_a_snapshot_read_while_another_thread_pushes_is_the_barriers() -> None:
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(60_000, dtype=np.uint64)
+    train([shard], ids, 0)
+    before = table.export()
+    with table.lock:
+        table.begin_save(0, None)
+        snap = table.begin_snapshot()
+    stop, pushed = threading.Event(), []
+
+    def pushes() -> None:
+        rng = np.random.default_rng(7)
+        while not stop.is_set():
+            train([shard], np.unique(rng.integers(0, 60_000, 4096)).astype(np.uint64),
+                  int(rng.integers(1 << 30)))
+            pushed.append(1)
+
+    t = threading.Thread(target=pushes)
+    t.start()
+    pieces = []
+    try:
+        while snap.done < snap.count:
+            seen = len(pushed)
+            pieces.append({k: v.copy() for k, v in
+                           snap.read(min(snap.count, snap.done + 2048)).items()})
+            deadline = time.monotonic() + 10
+            while len(pushed) == seen and time.monotonic() < deadline:  # one more, at least
+                time.sleep(0.0005)
+    finally:
+        stop.set()
+        t.join()
+    for name, arr in before.items():
+        got = np.concatenate([p[name] for p in pieces])
+        assert got.tobytes() == arr.tobytes(), name
+    assert snap.logged > 0  # pushes did change rows not read yet
+
+
 def test_a_delta_snapshot_reads_the_changed_rows_as_they_were() -> None:
     shard = shards(1)[0]
     table = shard.tables["emb"]
@@ -349,3 +426,4 @@ def test_a_background_delta_holds_the_rows_at_the_barrier(tmp_path: Path,
     for k in expected:
         if k.startswith("emb."):
             assert got[k].tobytes() == expected[k].tobytes(), k
+
