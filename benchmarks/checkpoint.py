@@ -1,7 +1,7 @@
 """Checkpoints of two pservers: blocking and background saves, deltas, restore, resharding.
 
     python benchmarks/checkpoint.py [--rows N] [--dir DIR] [--touch F] [--window S] [--rounds R]
-                                    [--duty D]
+                                    [--duty D] [--priority P]
 
 Two pserver processes hold one table of N rows (default 4,000,000) of dim 64
 with Adagrad state. The script saves a checkpoint through the coordinator (as
@@ -15,7 +15,8 @@ fulls in the background and times how long the trainer is held (`stall_s`: the
 pservers note their row counts and copy the dense state) against the blocking
 save; and runs a trainer's load (pushes of 4096 random rows, back to back) for
 S seconds with no save, then while a full save is written (with
-`background_duty = D`, default the key's default), R times, after one save
+`background_duty = D` and `background_priority = P`, default the keys'
+defaults), R times, after one save
 under load to warm up (`train_during_save_vs_idle`: the median of pushes/s
 during over pushes/s idle; `save_cost_s`: the median of (1 - that ratio) x the
 seconds the save was written, i.e. the seconds of training a save costs).
@@ -221,6 +222,9 @@ def main() -> None:
     ap.add_argument("--duty", type=float, default=None,
                     help="checkpoint.background_duty of the background saves (default: the "
                          "key's default)")
+    ap.add_argument("--priority", choices=["idle", "low", "normal"], default=None,
+                    help="checkpoint.background_priority of the background saves (default: "
+                         "the key's default)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="pushes timed with no save, then during a full save: how many "
                          "times (default 3; the median ratio is reported)")
@@ -242,8 +246,12 @@ def main() -> None:
     background = {**doc["checkpoint"], "background": True, "full_every": 2}
     if args.duty is not None:
         background["background_duty"] = args.duty
+    if args.priority is not None:
+        background["background_priority"] = args.priority
     out["background_duty"] = background.get("background_duty",
                                             CheckpointConfig("d").background_duty)
+    out["background_priority"] = background.get("background_priority",
+                                                CheckpointConfig("d").background_priority)
     job.write_text(dump_toml({**doc, "checkpoint": background}))
     background_phase(job, work, ckdir, ids, args, out)
     # the newest checkpoint (full) restored cold onto 2 and onto 3 pservers, twice each,
@@ -371,6 +379,7 @@ def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) 
         "incremental_bytes_vs_full": round(out["delta_bytes"] / nbytes, 4),
         "delta_stall_s": r(out["delta_stall_s"]), "delta_commit_s": r(out["delta_commit_s"]),
         "background_duty": out["background_duty"],
+        "background_priority": out["background_priority"],
         "train_during_save_vs_idle": r(out["train_during_save_vs_idle"]),
         "save_cost_s": r(out["save_cost_s"]),
         "pushes_per_s_idle_during_write_s_rounds": out["train_during_save_rounds"],

@@ -7,6 +7,8 @@ from typing import Any
 
 from ckpt.storage import Storage, open_storage, protocol_of, shown
 
+PRIORITIES = ("idle", "low", "normal")  # of the thread writing a background save
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -27,6 +29,7 @@ class CheckpointConfig:
     background: bool = False  # psrt's addition: write files after releasing the trainers
     full_every: int = 1  # psrt's addition: a full checkpoint every K saves, deltas between
     background_duty: float = 1.0  # psrt's addition: share of the time a background writer works
+    background_priority: str = "idle"  # psrt's addition: CPU priority of a background writer
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -42,6 +45,9 @@ class CheckpointConfig:
         duty = self.background_duty
         if isinstance(duty, bool) or not isinstance(duty, int | float) or not 0 < duty <= 1:
             raise ValueError(f"background_duty: expected a number in (0, 1], got {duty!r}")
+        if self.background_priority not in PRIORITIES:
+            raise ValueError(f"background_priority: expected one of {', '.join(PRIORITIES)}, "
+                             f"got {self.background_priority!r}")
         _check_location(self.checkpoint_dir, self.storage_options)
 
     def storage(self) -> Storage:
@@ -114,6 +120,11 @@ KEYS = {
                         "works: below 1 it pauses after each chunk (0.5: half speed), so "
                         "training slows less while a save is written, for longer; 1: no "
                         "pauses"),
+    "background_priority": (str, "idle", "CPU priority of the thread writing a background "
+                            "save: \"idle\" (Linux's SCHED_IDLE: it gets a core only when no "
+                            "other thread wants it, so serving comes first; where something "
+                            "keeps every core busy the write waits), \"low\" (nice 19) or "
+                            "\"normal\" (the pserver's own)"),
     "storage_options": (dict, {}, "for a URL checkpoint_dir: options of its fsspec file "
                         "system, e.g. {endpoint_url = \"...\", profile = \"...\"} for s3 "
                         "(credentials are better left to the environment; never logged)"),

@@ -60,17 +60,19 @@ def write_shard(storage: Storage, serial: int, pserver_id: int,
                 tables: Mapping[str, Rows | Mapping[str, np.ndarray]],
                 vshards: Mapping[str, np.ndarray], virtual_shards: int,
                 dense_state: Mapping[str, Mapping[str, np.ndarray]],
-                facts: dict | None = None, midway: Callable[[], None] | None = None) -> Part:
+                facts: dict | None = None, midway: Callable[[], None] | None = None,
+                progress: Callable[[int], None] | None = None) -> Part:
     """Pserver `pserver_id`'s part: every table's rows (arrays, or `Rows` read as they are
     written), the rows sorted by virtual shard (`order`, with `vshards` offsets; each row's
     virtual shard is `vshards[t]`), and the optimizer state of its dense variables.
 
     A table's columns are written side by side, CHUNK_ROWS rows at a time, each into its
-    own file."""
+    own file. `progress(rows)` is called after each chunk with the rows written so far
+    (all tables)."""
     base = layout.checkpoint_name(serial)
     storage.makedirs(f"{base}/{layout.shard_dir(pserver_id)}")
     files: list[FileEntry] = []
-    rows = {}
+    rows: dict[str, int] = {}
     for name, table in tables.items():
         src = ArrayRows(table) if isinstance(table, Mapping) else table
         vs = vshards[name]
@@ -96,6 +98,8 @@ def write_shard(storage: Storage, serial: int, pserver_id: int,
                 if midway is not None:  # after the first rows
                     midway()
                     midway = None
+                if progress is not None:
+                    progress(sum(rows.values()) + min(n, lo + CHUNK_ROWS))
             if midway is not None:  # a table without rows
                 midway()
                 midway = None

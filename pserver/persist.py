@@ -38,7 +38,8 @@ from pserver.sharding import owned_range, virtual_shard
 from pserver.table import Snapshot
 
 log = logging.getLogger(__name__)
-WRITER_NICE = 19  # CPU priority of the thread writing a background save (0..19: 19 lowest)
+WRITER_NICE = 19  # the nice value of a "low" priority background writer (19: the lowest)
+PROGRESS_S = 10.0  # a background save logs how far it is this often
 
 
 @dataclass
@@ -89,7 +90,8 @@ def _stage(shard: Shard, serial: int, base: int | None, how: str,
 
 
 def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
-           started: float, base: int | None) -> Part:
+           started: float, base: int | None,
+           progress: Callable[[int], None] | None = None) -> Part:
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
     v = shard.config.virtual_shards
@@ -97,7 +99,7 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
         vshards = {n: virtual_shard(t.ids, v) for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                                   shard.config.virtual_shards, staged.dense_state, facts,
-                                  midway=_fault(serial))
+                                  midway=_fault(serial), progress=progress)
     except BaseException:
         pmetrics.of(shard).save_failed()
         raise
@@ -159,23 +161,37 @@ def save_shard(shard: Shard, storage: Storage, serial: int,
 
 def save_shard_background(shard: Shard, storage: Storage, serial: int,
                           report: Callable[[Part | None, str | None], None],
-                          base: int | None = None, duty: float | None = None) -> float:
+                          base: int | None = None, duty: float | None = None,
+                          priority: str | None = None) -> float:
     """Snapshot the shard (the only part the trainers wait for: the dense state is copied,
     the tables' rows are read out as they are written), then write it in a thread of its
-    own, which calls `report(part, error)`, working `duty` of the time (None: the job's
-    checkpoint.background_duty). Returns the seconds the trainers waited."""
+    own, which calls `report(part, error)`, working `duty` of the time at CPU `priority`
+    ("idle", "low" or "normal"; None: the job's checkpoint.background_duty and
+    background_priority). Returns the seconds the trainers waited."""
+    ckpt = shard.config.checkpoint
     if duty is None:
-        ckpt = shard.config.checkpoint
         duty = 1.0 if ckpt is None else ckpt.background_duty
+    if priority is None:
+        priority = "idle" if ckpt is None else ckpt.background_priority
     started = time.perf_counter()
     staged = _begin(shard, serial, base, "snapshot", duty)
     stall = time.perf_counter() - started
     pmetrics.of(shard).stalled(stall)
+    total = sum(t.count for t in staged.tables.values())
+    shown = {"at": started}
+
+    def progress(rows: int) -> None:
+        now = time.perf_counter()
+        if now - shown["at"] >= PROGRESS_S:
+            shown["at"] = now
+            log.info("pserver[%d] writing checkpoint_%d: %d of %d rows (%.0f%%) after %.0fs",
+                     shard.pserver_id, serial, rows, total, 100 * rows / max(total, 1),
+                     now - started)
 
     def write() -> None:
         try:
-            _yield_cpu()
-            part = _write(shard, staged, storage, serial, started, base)
+            _lower_priority(priority)
+            part = _write(shard, staged, storage, serial, started, base, progress)
         except Exception as e:  # noqa: BLE001 - reported to the coordinator
             log.exception("pserver[%d] failed to write checkpoint_%d", shard.pserver_id, serial)
             report(None, f"{type(e).__name__}: {e}")
@@ -184,18 +200,26 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
 
     threading.Thread(target=write, name=f"save-{serial}", daemon=True).start()
     log.info("pserver[%d] snapshotted its shard for checkpoint_%d in %.3fs; copying and "
-             "writing it in the background", shard.pserver_id, serial, stall)
+             "writing it in the background (CPU priority %s)", shard.pserver_id, serial,
+             stall, priority)
     return stall
 
 
-def _yield_cpu() -> None:
-    """Lower this (background writing) thread's CPU priority, so that on a busy machine it
-    takes what serving pushes and pulls leaves (Linux: the nice value is per thread; the
-    thread ends with the save)."""
+def _lower_priority(priority: str) -> None:
+    """Lower this (background writing) thread's CPU priority, so that serving pushes and
+    pulls comes first (Linux: the policy and the nice value are per thread; the thread
+    ends with the save). "idle": the SCHED_IDLE policy, the kernel runs the thread only
+    where nothing else wants the core, and a woken serving thread takes the core at once
+    (also nice 19, for where it is refused); "low": nice 19; "normal": as it is. An
+    unprivileged thread cannot go back, so each save has a thread of its own."""
+    if priority == "normal":
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
                        max(WRITER_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
-    except (AttributeError, OSError):  # not Linux, or not allowed: write at full priority
+        if priority == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: write as it is
         pass
 
 

@@ -42,7 +42,10 @@ def test_parse_serial_ignores_everything_else() -> None:
                                          ("step_interval", 1.5), ("checkpoint_dir", ""),
                                          ("background_duty", 0), ("background_duty", 1.5),
                                          ("background_duty", True),
-                                         ("background_duty", "half")])
+                                         ("background_duty", "half"),
+                                         ("background_priority", "high"),
+                                         ("background_priority", 19),
+                                         ("background_priority", None)])
 def test_config_names_the_bad_field(field: str, value: object) -> None:
     args = {"checkpoint_dir": "d", field: value}
     with pytest.raises(ValueError, match=f"^{field}: "):

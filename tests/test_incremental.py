@@ -4,6 +4,7 @@ full checkpoint (onto any number of pservers), rotation keeps bases, broken chai
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -427,3 +428,40 @@ def test_a_background_delta_holds_the_rows_at_the_barrier(tmp_path: Path,
         if k.startswith("emb."):
             assert got[k].tobytes() == expected[k].tobytes(), k
 
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("priority,policy,nice", [("idle", "SCHED_IDLE", 19),
+                                                  ("low", "SCHED_OTHER", 19),
+                                                  ("normal", "SCHED_OTHER", None)])
+def test_a_background_save_writes_at_its_cpu_priority(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        priority: str, policy: str, nice: int | None) -> None:
+    """The writing thread runs at the key's priority (seen from the thread itself, when it
+    reports its part), the thread serving the save does not, and a long save logs how far
+    it is (here: after every chunk)."""
+    monkeypatch.setattr(persist, "PROGRESS_S", 0.0)
+    monkeypatch.setattr(writer, "CHUNK_ROWS", 700)
+    storage = LocalStorage(tmp_path)
+    live = shards(1)
+    train(live, np.arange(2000, dtype=np.uint64), 0)
+    own = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    done: list = []
+
+    def report(part: object, err: object) -> None:
+        done.append((part, err, os.sched_getscheduler(0),
+                     os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+    with caplog.at_level(logging.INFO, logger="pserver.persist"):
+        persist.save_shard_background(live[0], storage, 0, report, priority=priority)
+        deadline = time.monotonic() + 30
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+    part, err, got_policy, got_nice = done[0]
+    assert err is None and part.facts["rows"]["emb"] == 2000
+    assert got_policy == getattr(os, policy)
+    assert got_nice == (own[1] if nice is None else max(nice, own[1]))
+    assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS,
+                                                     threading.get_native_id())) == own
+    shown = [r.getMessage() for r in caplog.records if "writing checkpoint_0:" in r.getMessage()]
+    assert [m.split(": ")[1].split(" (")[0] for m in shown] == [
+        "700 of 2000 rows", "1400 of 2000 rows", "2000 of 2000 rows"]

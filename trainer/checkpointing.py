@@ -51,7 +51,7 @@ class Checkpointer:
                 persist.save_shard_background(
                     shard, self.storage, serial,
                     lambda part, err: self.coord.report_part(0, serial, part, err), delta_of,
-                    config.background_duty)
+                    config.background_duty, config.background_priority)
                 return None
 
             self.coord: Coordinator | CoordinatorClient = Coordinator(
