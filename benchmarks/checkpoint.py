@@ -15,11 +15,11 @@ fulls in the background and times how long the trainer is held (`stall_s`: the
 pservers note their row counts and copy the dense state) against the blocking
 save; and runs a trainer's load (pushes of 4096 random rows, back to back) for
 S seconds with no save, then while a full save is written (with
-`background_duty = D` and `background_priority = P`, default the keys'
-defaults), R times, after one save
-under load to warm up (`train_during_save_vs_idle`: the median of pushes/s
-during over pushes/s idle; `save_cost_s`: the median of (1 - that ratio) x the
-seconds the save was written, i.e. the seconds of training a save costs).
+`background_duty = D` and `background_priority = P`, by default the keys'
+defaults), R times, after one save under load to warm up
+(`train_during_save_vs_idle`: the median of pushes/s during over pushes/s
+idle; `save_cost_s`: the median of (1 - that ratio) x the seconds the save
+was written, i.e. the seconds of training a save costs).
 Last, it restores the newest (full) checkpoint cold onto two pservers and
 onto three, twice each, alternating (the best of each: `plain_restore_s`,
 `reshard_restore_s`, and their ratio `reshard_vs_plain_restore`).
