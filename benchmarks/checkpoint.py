@@ -19,7 +19,9 @@ S seconds with no save, then while a full save is written (with
 defaults), R times, after one save under load to warm up
 (`train_during_save_vs_idle`: the median of pushes/s during over pushes/s
 idle; `save_cost_s`: the median of (1 - that ratio) x the seconds the save
-was written, i.e. the seconds of training a save costs).
+was written, i.e. the seconds of training a save costs; `writer_cpu_s`: the
+median CPU seconds of one pserver's writing thread per timed save, from the
+pservers' logs).
 Last, it restores the newest (full) checkpoint cold onto two pservers and
 onto three, twice each, alternating (the best of each: `plain_restore_s`,
 `reshard_restore_s`, and their ratio `reshard_vs_plain_restore`).
@@ -353,6 +355,18 @@ def background_phase(job: Path, work: Path, ckdir: Path, ids: np.ndarray,
     out["train_during_save_rounds"] = [[round(i, 1), round(d, 1), round(s, 2)]
                                        for i, d, s in rounds]
     stop(procs)
+    out["writer_cpu_s"] = writer_cpu(logs, full, args.rounds)
+
+
+def writer_cpu(logs: list[Path], last: int, rounds: int) -> float:
+    """The median CPU seconds of a pserver's writing thread over the timed full saves
+    (checkpoints last, last - 2, ...: a delta before each), from the pservers' logs."""
+    serials = {last - 2 * k for k in range(rounds)}
+    found = [float(cpu) for p in logs for serial, cpu in re.findall(
+        r"wrote its part of checkpoint_(\d+): .*; ([\d.]+)s of this thread's CPU\)",
+        p.read_text()) if int(serial) in serials]
+    assert len(found) == len(serials) * len(logs), found
+    return sorted(found)[len(found) // 2]
 
 
 def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) -> dict:
@@ -382,6 +396,7 @@ def summary(out: dict, before: tuple[float, float], after: tuple[float, float]) 
         "background_priority": out["background_priority"],
         "train_during_save_vs_idle": r(out["train_during_save_vs_idle"]),
         "save_cost_s": r(out["save_cost_s"]),
+        "writer_cpu_s": r(out["writer_cpu_s"]),
         "pushes_per_s_idle_during_write_s_rounds": out["train_during_save_rounds"],
         "reshard_restore_s": r(out["reshard_restore_s"]),
         "plain_restore_s": r(out["plain_restore_s"]),

@@ -95,6 +95,7 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
     facts = {"applied": staged.applied,
              "kind": "full" if base is None else "delta", "base": -1 if base is None else base}
     v = shard.config.virtual_shards
+    cpu = time.thread_time()
     try:
         vshards = {n: virtual_shard(t.ids, v) for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
@@ -105,13 +106,13 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
         raise
     finally:
         staged.close()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
     size = sum(f.size for f in part.files)
     pmetrics.of(shard).shard_written(seconds, size)
     what = "" if base is None else f" (delta of checkpoint_{base})"
-    log.info("pserver[%d] wrote its part of checkpoint_%d%s: %.1f MB in %.2fs (%.2f GB/s)",
-             shard.pserver_id, serial, what, size / 1e6, seconds,
-             size / max(seconds, 1e-9) / 1e9)
+    log.info("pserver[%d] wrote its part of checkpoint_%d%s: %.1f MB in %.2fs (%.2f GB/s; "
+             "%.2fs of this thread's CPU)", shard.pserver_id, serial, what, size / 1e6, seconds,
+             size / max(seconds, 1e-9) / 1e9, cpu)
     return part
 
 
