@@ -72,6 +72,9 @@ class FsspecStorage(Storage):
         except (OSError, ValueError, TypeError) as e:  # unreachable, bad options
             raise _problem(self._url, e) from None
 
+    def connect(self) -> None:
+        self.fs  # noqa: B018 - made now (fsspec starts its I/O thread with the first one)
+
     def _path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
 

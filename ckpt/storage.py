@@ -142,6 +142,10 @@ class Storage:
 
     root: Any  # shown in messages: the path or URL (never credentials)
 
+    def connect(self) -> None:
+        """Make what later calls use (a remote store's file system, and any threads of its
+        own) now, in the calling thread. Local directories need nothing."""
+
     def exists(self, rel: str) -> bool:
         raise NotImplementedError
 

@@ -24,10 +24,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ckpt import reader, writer
+from ckpt.config import PRIORITIES
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import Storage
 from pserver import metrics as pmetrics
@@ -174,12 +176,19 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
         duty = 1.0 if ckpt is None else ckpt.background_duty
     if priority is None:
         priority = "idle" if ckpt is None else ckpt.background_priority
+    if priority not in PRIORITIES:
+        raise ValueError(f"background priority: expected one of {', '.join(PRIORITIES)}, "
+                         f"got {priority!r}")
+    # a remote store's file system (and the I/O thread fsspec starts with it) is made here:
+    # threads the writing thread started would keep its low priority for good
+    storage.connect()
     started = time.perf_counter()
     staged = _begin(shard, serial, base, "snapshot", duty)
     stall = time.perf_counter() - started
     pmetrics.of(shard).stalled(stall)
     total = sum(t.count for t in staged.tables.values())
     shown = {"at": started}
+    result: dict[str, Any] = {"error": "the writing thread ended without a part"}
 
     def progress(rows: int) -> None:
         now = time.perf_counter()
@@ -189,17 +198,26 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
                      shard.pserver_id, serial, rows, total, 100 * rows / max(total, 1),
                      now - started)
 
-    def write() -> None:
+    def write() -> None:  # at the low priority
         try:
             _lower_priority(priority)
-            part = _write(shard, staged, storage, serial, started, base, progress)
+            result["part"] = _write(shard, staged, storage, serial, started, base, progress)
+            result["error"] = None
         except Exception as e:  # noqa: BLE001 - reported to the coordinator
             log.exception("pserver[%d] failed to write checkpoint_%d", shard.pserver_id, serial)
-            report(None, f"{type(e).__name__}: {e}")
-            return
-        report(part, None)
+            result["error"] = f"{type(e).__name__}: {e}"
 
-    threading.Thread(target=write, name=f"save-{serial}", daemon=True).start()
+    def supervise() -> None:  # at the pserver's priority: reporting opens a gRPC channel
+        writing = threading.Thread(target=write, name=f"save-{serial}-write", daemon=True)
+        writing.start()
+        writing.join()
+        report(result.get("part"), result["error"])
+
+    try:
+        threading.Thread(target=supervise, name=f"save-{serial}", daemon=True).start()
+    except BaseException:  # no thread: pushes must not keep rows for this snapshot
+        staged.close()
+        raise
     log.info("pserver[%d] snapshotted its shard for checkpoint_%d in %.3fs; copying and "
              "writing it in the background (CPU priority %s)", shard.pserver_id, serial,
              stall, priority)
@@ -212,7 +230,8 @@ def _lower_priority(priority: str) -> None:
     ends with the save). "idle": the SCHED_IDLE policy, the kernel runs the thread only
     where nothing else wants the core, and a woken serving thread takes the core at once
     (also nice 19, for where it is refused); "low": nice 19; "normal": as it is. An
-    unprivileged thread cannot go back, so each save has a thread of its own."""
+    unprivileged thread cannot go back, so each save has a thread of its own, which
+    starts no thread: those would inherit its priority."""
     if priority == "normal":
         return
     try:

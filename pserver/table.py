@@ -38,6 +38,7 @@ from pserver.idindex import IdIndex
 
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 _RECENT = 8  # remembered id -> row lookups per table
+PATCH_ROWS = 2048  # rows a snapshot patches per hold of the table's lock
 _MARKS = 64  # checkpoints a delta can be taken against (the newest committed is one)
 
 
@@ -91,7 +92,9 @@ class SparseTable:
     def allocated_bytes(self) -> int:
         """Bytes allocated: the arrays (grown by doubling) and the kept buffers of
         background saves (chunks, the log of rows kept aside, its index)."""
-        arrays = list(self._arrays.values()) + list(self._spare.values())
+        cow = self._cow
+        arrays = list(self._arrays.values()) + list(self._spare.values()) + \
+            (list(cow._chunks.values()) if cow is not None else [])
         return sum(a.nbytes for a in arrays)
 
     def _rows_for(self, ids: np.ndarray) -> np.ndarray:
@@ -281,6 +284,10 @@ class Snapshot:
         self.done = 0  # positions read out
         self.logged = 0  # rows kept in the log
         self._slot = table._buffers("@slot", self.n, np.empty(0, dtype=np.int64))
+        # the chunk buffers are this snapshot's until it closes: a snapshot abandoned by a
+        # reload may still be copying into them while the next one begins
+        self._chunks = {name[len("@chunk:"):]: table._spare.pop(name)
+                        for name in list(table._spare) if name.startswith("@chunk:")}
 
     @property
     def ids(self) -> np.ndarray:
@@ -325,13 +332,14 @@ class Snapshot:
     def read(self, hi: int) -> dict[str, np.ndarray]:
         """The next rows, up to position `hi`: every column as it was at the barrier, in
         buffers that the next read reuses. The rows are copied without the table's lock
-        (pushes go on); then, under it, the rows changed since the barrier (their stamps
-        say so) are replaced by their old values from the log: a push stamps its rows
-        before changing them, and keeps them in the log while they are at or past `done`,
-        which moves on only here, under the lock. The lock is held for that check alone,
-        so a writer at a low CPU priority, descheduled, does not hold pushes up. With
-        `duty` < 1 it first pauses: the time since the last pause ended (this thread
-        reading and writing) times 1/duty - 1."""
+        (pushes go on); then, PATCH_ROWS at a time under it, the rows changed since the
+        barrier (stamped after it) get their old values back from the log. A push changes
+        rows only under the lock, stamping them, and keeps the old values of rows at or
+        past `done`, which moves on only in the patch, under the lock: whatever the copy
+        saw of a changed row is replaced. The lock is held for the patch, not the copy, so
+        pushes wait less for a writer that, at a low CPU priority, may lose its core
+        while holding it. With `duty` < 1 it first pauses: the time since the last pause
+        ended (this thread reading and writing) times 1/duty - 1."""
         t = self.table
         if self.duty < 1 and self._resumed is not None:  # pause, then go on
             time.sleep((time.perf_counter() - self._resumed) * (1 / self.duty - 1))
@@ -340,29 +348,44 @@ class Snapshot:
         k = hi - lo
         out = {"ids": self._ids[lo:hi] if self.rows is None else
                np.take(self._ids, self.rows[lo:hi])}
-        arrays = t._arrays  # (a reload replaces them: checked under the lock below)
+        self._check()  # (unlocked: a reloaded table is not read; the patch checks again)
         try:
-            for name, arr in arrays.items():
+            for name, arr in t._arrays.items():
                 if name != "ids":
-                    buf = out[name] = t._buffers("@chunk:" + name, k, arr)[:k]
+                    buf = out[name] = self._chunk(name, k, arr)
                     if self.rows is None:
                         np.copyto(buf, arr[lo:hi])
                     else:
                         np.take(arr, self.rows[lo:hi], axis=0, out=buf)
         except (ValueError, IndexError):
-            if t._cow is self:
-                raise
-        with t.lock:
-            self._patch(lo, hi, out)
+            self._check()  # the table was reloaded during the copy: say so
+            raise
+        for a in range(lo, hi, PATCH_ROWS):
+            b = min(hi, a + PATCH_ROWS)
+            with t.lock:
+                self._patch(a, b, {name: buf[a - lo:b - lo] for name, buf in out.items()
+                                   if name != "ids"})
         return out
 
-    def _patch(self, lo: int, hi: int, out: dict[str, np.ndarray]) -> None:
-        """Positions lo..hi, just copied into `out`: the rows changed since the barrier
-        get their old values from the log (hold the table's lock; lo is `done`)."""
-        t = self.table
-        if t._cow is not self:
-            raise RuntimeError(f"table {t.spec.name!r}: the snapshot was abandoned "
+    def _chunk(self, name: str, k: int, like: np.ndarray) -> np.ndarray:
+        """This snapshot's page-aligned buffer of k rows shaped like column `like`."""
+        buf = self._chunks.get(name)
+        if buf is None or len(buf) < k or buf.shape[1:] != like.shape[1:] \
+                or buf.dtype != like.dtype:
+            buf = self._chunks[name] = _aligned_empty((k,) + like.shape[1:], like.dtype)
+        return buf[:k]
+
+    def _check(self) -> None:
+        if self.table._cow is not self and self.done < self.count:
+            raise RuntimeError(f"table {self.table.spec.name!r}: the snapshot was abandoned "
                                f"(the table was reloaded)")
+
+    def _patch(self, lo: int, hi: int, out: dict[str, np.ndarray]) -> None:
+        """Positions lo..hi, just copied into `out` (its columns but ids): the rows
+        changed since the barrier get their old values from the log (hold the table's
+        lock; lo is `done`)."""
+        t = self.table
+        self._check()
         if self.rows is None:
             changed = np.flatnonzero(t._stamps[lo:hi] > self.gen)
             changed_rows = lo + changed
@@ -372,8 +395,7 @@ class Snapshot:
         if len(changed):  # changed since the barrier: their old values are in the log
             slots = self._slot[changed_rows]
             for name, buf in out.items():
-                if name != "ids":
-                    buf[changed] = t._spare["@log:" + name][slots]
+                buf[changed] = t._spare["@log:" + name][slots]
         self.done = hi
         if hi >= self.count:
             t._cow = None
@@ -384,8 +406,12 @@ class Snapshot:
         if not locked:
             with self.table.lock:
                 self.close(locked=True)
-        elif self.table._cow is self:
+            return
+        if self.table._cow is self:
             self.table._cow = None
+        for name, buf in self._chunks.items():  # kept for the next snapshot
+            self.table._spare["@chunk:" + name] = buf
+        self._chunks = {}
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -94,6 +94,16 @@ def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
         open_storage("file://relative/dir")
 
 
+def test_connect_makes_the_file_system_in_the_calling_thread(tmp_path: Path) -> None:
+    """(A background save connects before its writing thread starts: threads fsspec starts
+    with its first file system would inherit that thread's low priority.)"""
+    store = open_storage(f"memory://psrt-{uuid.uuid4().hex[:12]}/ck")
+    assert "fs" not in vars(store)  # made on first use
+    store.connect()
+    assert "fs" in vars(store)
+    open_storage(str(tmp_path)).connect()  # a local directory needs nothing
+
+
 @pytest.mark.parametrize("section,match", [
     ({"checkpoint_dir": "nosuch://b/ck"}, r"checkpoint_dir: unknown protocol 'nosuch' in "
                                           r"'nosuch://b/ck' \(fsspec knows \d+, e.g. s3, gs"),
