@@ -184,13 +184,7 @@ class SparseTable:
         """A kept, page-aligned buffer of at least `rows` rows shaped like `like` (fresh
         memory costs a page fault per 4 KiB; aligned rows are written to disk as they are).
         A buffer that grows keeps its first `keep` rows."""
-        buf = self._spare.get(name)
-        if buf is None or len(buf) < rows or buf.shape[1:] != like.shape[1:] \
-                or buf.dtype != like.dtype:
-            grown = _aligned_empty((rows + rows // 2,) + like.shape[1:], like.dtype)
-            if keep:
-                grown[:keep] = buf[:keep]
-            buf = self._spare[name] = grown
+        buf = self._spare[name] = _fit(self._spare.get(name), rows, like, keep)
         return buf
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
@@ -369,10 +363,7 @@ class Snapshot:
 
     def _chunk(self, name: str, k: int, like: np.ndarray) -> np.ndarray:
         """This snapshot's page-aligned buffer of k rows shaped like column `like`."""
-        buf = self._chunks.get(name)
-        if buf is None or len(buf) < k or buf.shape[1:] != like.shape[1:] \
-                or buf.dtype != like.dtype:
-            buf = self._chunks[name] = _aligned_empty((k,) + like.shape[1:], like.dtype)
+        buf = self._chunks[name] = _fit(self._chunks.get(name), k, like)
         return buf[:k]
 
     def _check(self) -> None:
@@ -412,6 +403,18 @@ class Snapshot:
         for name, buf in self._chunks.items():  # kept for the next snapshot
             self.table._spare["@chunk:" + name] = buf
         self._chunks = {}
+
+
+def _fit(buf: np.ndarray | None, rows: int, like: np.ndarray, keep: int = 0) -> np.ndarray:
+    """`buf` if it holds `rows` rows shaped like `like`, else a page-aligned one with room
+    for half as many again, holding `buf`'s first `keep` rows."""
+    if buf is None or len(buf) < rows or buf.shape[1:] != like.shape[1:] \
+            or buf.dtype != like.dtype:
+        grown = _aligned_empty((rows + rows // 2,) + like.shape[1:], like.dtype)
+        if keep:
+            grown[:keep] = buf[:keep]
+        return grown
+    return buf
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
