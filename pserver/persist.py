@@ -168,9 +168,11 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
                           priority: str | None = None) -> float:
     """Snapshot the shard (the only part the trainers wait for: the dense state is copied,
     the tables' rows are read out as they are written), then write it in a thread of its
-    own, which calls `report(part, error)`, working `duty` of the time at CPU `priority`
-    ("idle", "low" or "normal"; None: the job's checkpoint.background_duty and
-    background_priority). Returns the seconds the trainers waited."""
+    own at CPU `priority` ("idle", "low" or "normal"), working `duty` of the time (None:
+    the job's checkpoint.background_priority and background_duty); when it ends,
+    `report(part, error)` is called from a thread at the pserver's own priority. Returns
+    the seconds the trainers waited. ValueError, with nothing snapshotted: an unknown
+    priority, or a store that cannot be used."""
     ckpt = shard.config.checkpoint
     if duty is None:
         duty = 1.0 if ckpt is None else ckpt.background_duty
