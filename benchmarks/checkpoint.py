@@ -50,6 +50,7 @@ import numpy as np
 from _common import wait_ready_file
 
 from ckpt import CheckpointConfig, reader, writer
+from ckpt.config import PRIORITIES
 from ckpt.storage import LocalStorage
 from pserver import config as cfg
 from pserver.client import PSClient
@@ -224,7 +225,7 @@ def main() -> None:
     ap.add_argument("--duty", type=float, default=None,
                     help="checkpoint.background_duty of the background saves (default: the "
                          "key's default)")
-    ap.add_argument("--priority", choices=["idle", "low", "normal"], default=None,
+    ap.add_argument("--priority", choices=PRIORITIES, default=None,
                     help="checkpoint.background_priority of the background saves (default: "
                          "the key's default)")
     ap.add_argument("--rounds", type=int, default=3,

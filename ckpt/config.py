@@ -10,6 +10,13 @@ from ckpt.storage import Storage, open_storage, protocol_of, shown
 PRIORITIES = ("idle", "low", "normal")  # of the thread writing a background save
 
 
+def check_priority(value: object) -> None:
+    """ValueError unless `value` is one of PRIORITIES (the message names neither key nor
+    caller: they prefix it)."""
+    if value not in PRIORITIES:
+        raise ValueError(f"expected one of {', '.join(PRIORITIES)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Where and how often to checkpoint.
@@ -45,9 +52,10 @@ class CheckpointConfig:
         duty = self.background_duty
         if isinstance(duty, bool) or not isinstance(duty, int | float) or not 0 < duty <= 1:
             raise ValueError(f"background_duty: expected a number in (0, 1], got {duty!r}")
-        if self.background_priority not in PRIORITIES:
-            raise ValueError(f"background_priority: expected one of {', '.join(PRIORITIES)}, "
-                             f"got {self.background_priority!r}")
+        try:
+            check_priority(self.background_priority)
+        except ValueError as e:
+            raise ValueError(f"background_priority: {e}") from None
         _check_location(self.checkpoint_dir, self.storage_options)
 
     def storage(self) -> Storage:

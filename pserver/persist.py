@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ckpt import reader, writer
-from ckpt.config import PRIORITIES
+from ckpt.config import check_priority
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import Storage
 from pserver import metrics as pmetrics
@@ -178,9 +178,10 @@ def save_shard_background(shard: Shard, storage: Storage, serial: int,
         duty = 1.0 if ckpt is None else ckpt.background_duty
     if priority is None:
         priority = "idle" if ckpt is None else ckpt.background_priority
-    if priority not in PRIORITIES:
-        raise ValueError(f"background priority: expected one of {', '.join(PRIORITIES)}, "
-                         f"got {priority!r}")
+    try:
+        check_priority(priority)
+    except ValueError as e:
+        raise ValueError(f"background priority: {e}") from None
     # a remote store's file system (and the I/O thread fsspec starts with it) is made here:
     # threads the writing thread started would keep its low priority for good
     storage.connect()
