@@ -39,6 +39,7 @@ from pserver.idindex import IdIndex
 _BLOCK_BYTES = 256 * 1024  # optimizer updates run in blocks that stay in cache
 _RECENT = 8  # remembered id -> row lookups per table
 PATCH_ROWS = 2048  # rows a snapshot patches per hold of the table's lock
+MAP_AHEAD_ROWS = 65_536  # rows of the log a snapshot's writer maps before pushes fill them
 _MARKS = 64  # checkpoints a delta can be taken against (the newest committed is one)
 
 
@@ -54,6 +55,7 @@ class SparseTable:
         self._size = 0
         self._recent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._spare: dict[str, np.ndarray] = {}  # a snapshot's buffers, kept for the next
+        self._mapped: dict[str, int] = {}  # rows of each log buffer written or mapped ahead
         self._gen = 1  # the save generation stamped on rows changed now
         self._marks: dict[int, int] = {}  # checkpoint serial -> the generation it saw
         self._stamps = np.zeros(0, dtype=np.uint32)
@@ -91,11 +93,15 @@ class SparseTable:
     @property
     def allocated_bytes(self) -> int:
         """Bytes allocated: the arrays (grown by doubling) and the kept buffers of
-        background saves (chunks, the log of rows kept aside, its index)."""
+        background saves (chunks, the log of rows kept aside, its index). Of the log, the
+        rows ever written or mapped ahead: the rest is address space only."""
         cow = self._cow
         arrays = list(self._arrays.values()) + list(self._spare.values()) + \
             (list(cow._chunks.values()) if cow is not None else [])
-        return sum(a.nbytes for a in arrays)
+        logs = [(buf, self._mapped.get(name, 0)) for name, buf in self._spare.items()
+                if name.startswith("@log:")]
+        return sum(a.nbytes for a in arrays) - \
+            sum((len(buf) - min(len(buf), rows)) * buf.strides[0] for buf, rows in logs)
 
     def _rows_for(self, ids: np.ndarray) -> np.ndarray:
         """Row numbers of `ids`, creating absent rows with their initial values.
@@ -184,7 +190,10 @@ class SparseTable:
         """A kept, page-aligned buffer of at least `rows` rows shaped like `like` (fresh
         memory costs a page fault per 4 KiB; aligned rows are written to disk as they are).
         A buffer that grows keeps its first `keep` rows."""
-        buf = self._spare[name] = _fit(self._spare.get(name), rows, like, keep)
+        old = self._spare.get(name)
+        buf = self._spare[name] = _fit(old, rows, like, keep)
+        if buf is not old:
+            self._mapped[name] = keep
         return buf
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
@@ -282,6 +291,46 @@ class Snapshot:
         # reload may still be copying into them while the next one begins
         self._chunks = {name[len("@chunk:"):]: table._spare.pop(name)
                         for name in list(table._spare) if name.startswith("@chunk:")}
+        self._reserved = self._reserve()
+
+    def _reserve(self) -> bool:
+        """Room in the log for every row of the snapshot, taken at the barrier (address
+        space: a page is mapped on first use), so that no push grows the log, copying it
+        under the table's lock. False where the system refuses that much address space:
+        pushes then grow the log as they need it."""
+        t = self.table
+        try:
+            for name, arr in t._arrays.items():
+                if name != "ids":
+                    t._buffers("@log:" + name, self.count, arr, keep=0)
+        except OSError:  # ENOMEM: an overcommit policy that counts address space
+            return False
+        return True
+
+    def _map_ahead(self) -> None:
+        """Map the log's pages before the pushes that fill them, up to MAP_AHEAD_ROWS
+        rows past those logged, and the slots' index once (in the writing thread, without
+        the lock): a push that touches a fresh page takes a page fault while it holds the
+        table's lock, a few microseconds per 4 KiB on a virtual machine. Where the kernel
+        cannot (before Linux 5.14), the pushes map the pages as they go."""
+        if not self._reserved or not _populating:
+            return
+        t = self.table
+        want = min(self.count, self.logged + MAP_AHEAD_ROWS)  # (logged: read unlocked)
+        with t.lock:
+            if t._cow is not self:
+                return
+            todo = [(name, buf, t._mapped.get(name, 0)) for name, buf in t._spare.items()
+                    if name.startswith("@log:") and t._mapped.get(name, 0) < want]
+            if t._mapped.get("@slot", 0) < len(self._slot):
+                todo.append(("@slot", self._slot, t._mapped.get("@slot", 0)))
+        for name, buf, have in todo:
+            _populate(buf, have, len(buf) if name == "@slot" else want)
+        with t.lock:
+            for name, buf, _ in todo:
+                if t._spare.get(name) is buf:
+                    t._mapped[name] = max(t._mapped.get(name, 0),
+                                          len(buf) if name == "@slot" else want)
 
     @property
     def ids(self) -> np.ndarray:
@@ -317,9 +366,12 @@ class Snapshot:
         if not k:
             return
         lo, hi = self.logged, self.logged + k
+        t = self.table
         for name, block in old.items():
-            log = self.table._buffers("@log:" + name, hi, block, keep=lo)
+            log = t._buffers("@log:" + name, hi, block, keep=lo)  # reserved: as it is
             np.compress(mask, block, axis=0, out=log[lo:hi])
+            if t._mapped.get("@log:" + name, 0) < hi:
+                t._mapped["@log:" + name] = hi
         self._slot[chosen] = np.arange(lo, hi)
         self.logged = hi
 
@@ -338,6 +390,7 @@ class Snapshot:
         if self.duty < 1 and self._resumed is not None:  # pause, then go on
             time.sleep((time.perf_counter() - self._resumed) * (1 / self.duty - 1))
         self._resumed = time.perf_counter()
+        self._map_ahead()
         lo = self.done
         k = hi - lo
         out = {"ids": self._ids[lo:hi] if self.rows is None else
@@ -415,6 +468,26 @@ def _fit(buf: np.ndarray | None, rows: int, like: np.ndarray, keep: int = 0) -> 
             grown[:keep] = buf[:keep]
         return grown
     return buf
+
+
+_POPULATE_WRITE = 23  # MADV_POPULATE_WRITE (Linux 5.14): map pages writable, not writing
+_populating = hasattr(mmap.mmap, "madvise")  # until the kernel refuses it once
+
+
+def _populate(buf: np.ndarray, lo: int, hi: int) -> None:
+    """Map rows lo..hi of a buffer of `_aligned_empty` now, leaving what they hold as it
+    is (pushes may be writing them meanwhile)."""
+    global _populating
+    mm: object = buf
+    while not isinstance(mm, mmap.mmap):
+        mm = mm.obj if isinstance(mm, memoryview) else mm.base  # type: ignore[attr-defined]
+    start = lo * buf.strides[0] // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(hi * buf.strides[0], len(mm))
+    if end > start:
+        try:
+            mm.madvise(_POPULATE_WRITE, start, end - start)
+        except OSError:  # EINVAL: an older kernel
+            _populating = False
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import threading
 import time
@@ -19,9 +20,11 @@ from ckpt.config import from_section
 from ckpt.manifest import Part, merge
 from ckpt.storage import HEADER_ALIGN, LocalStorage, open_storage
 from pserver import persist, sharding
+from pserver import table as table_mod
 from pserver.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
+from pserver.table import Snapshot, SparseTable
 from tests.conftest import job
 
 ROWS = 2000
@@ -357,6 +360,78 @@ def test_a_delta_snapshot_reads_the_changed_rows_as_they_were() -> None:
         assert got[name].tobytes() == arr[::3].tobytes(), name
     # rows 900.. of the delta (1..2 of every 3 not in it) were kept: 2000 // 3 - 300
     assert snap.logged == len(range(900, 2000, 3))
+
+
+def page_faults_of_a_push(populate: bool, monkeypatch: pytest.MonkeyPatch
+                          ) -> tuple[int, SparseTable, Snapshot]:
+    """Minor page faults of one push of 10,000 rows the snapshot has not read yet (all
+    kept in its log), after the writer read the first chunk."""
+    monkeypatch.setattr(table_mod, "_populating", populate)
+    config = job(1, mode="async", tables={"emb": {"dim": 64, "optimizer": "adagrad"}})
+    shard = Shard(config, 0)
+    table = shard.tables["emb"]
+    ids = np.arange(50_000, dtype=np.uint64)
+    grads = np.full((len(ids), 64), 1e-3, dtype=np.float32)
+    shard.push("emb", ids, grads)
+    with table.lock:
+        table.begin_save(0, None)
+        snap = table.begin_snapshot()
+    snap.read(1000)
+    logs = {n: b for n, b in table._spare.items() if n.startswith("@log:")}
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    shard.push("emb", ids[10_000:30_000:2], grads[:10_000])
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
+    assert snap.logged == 10_000
+    assert {n: b for n, b in table._spare.items() if n.startswith("@log:")} == logs
+    return faults, table, snap
+
+
+def test_the_log_has_room_for_every_row_and_its_pages_are_mapped_before_the_pushes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log is reserved at the barrier (no push grows it, copying it under the lock)
+    and the writer maps its pages ahead of the pushes that fill them."""
+    table_mod._populate(table_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
+    if not table_mod._populating:
+        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+    unmapped, table, snap = page_faults_of_a_push(False, monkeypatch)
+    mapped, _, _ = page_faults_of_a_push(True, monkeypatch)
+    pages = 10_000 * 64 * 4 * 2 // 4096  # the kept rows' values and Adagrad accumulators
+    assert unmapped - mapped > pages // 2, (unmapped, mapped)
+    # the reserved log counts as allocated only as far as rows were written into it
+    logs = [b for n, b in table._spare.items() if n.startswith("@log:")]
+    assert all(len(b) >= snap.count for b in logs)
+    whole = sum(a.nbytes for a in [*table._arrays.values(), *table._spare.values(),
+                                   *snap._chunks.values()])
+    reserved = sum(b.nbytes for b in logs)
+    assert table.allocated_bytes == whole - reserved + 10_000 * 64 * 4 * 2
+    snap.close()
+
+
+def test_a_log_that_cannot_be_reserved_grows_with_the_pushes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system refuses the address space for the whole log at the barrier, the
+    pushes grow it as they go, and the snapshot is still the barrier's rows."""
+    real = table_mod._aligned_empty
+
+    def refuse(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        if len(shape) > 1 and shape[0] >= 3000:  # the log, sized for the whole snapshot
+            raise OSError(12, "Cannot allocate memory")
+        return real(shape, dtype)
+
+    monkeypatch.setattr(table_mod, "_aligned_empty", refuse)
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(3000, dtype=np.uint64)
+    train([shard], ids, 0)
+    before = table.export()
+    with table.lock:
+        table.begin_save(0, None)
+        snap = table.begin_snapshot()
+    assert not snap._reserved
+    got = read_all(snap, 500, 700, lambda: train([shard], ids[1000:2500], 1))
+    for name, arr in before.items():
+        assert got[name].tobytes() == arr.tobytes(), name
+    assert snap.logged == 1500
 
 
 def test_a_failed_save_stops_its_snapshot_and_a_reload_abandons_one() -> None:
