@@ -37,7 +37,7 @@ from pserver import optimizers
 from pserver.errors import FailedPrecondition
 from pserver.shard import Shard
 from pserver.sharding import owned_range, virtual_shard
-from pserver.table import Snapshot
+from pserver.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 WRITER_NICE = 19  # the nice value of a "low" priority background writer (19: the lowest)
