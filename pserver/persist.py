@@ -99,6 +99,9 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
     v = shard.config.virtual_shards
     cpu = time.thread_time()
     try:
+        for t in staged.tables.values():  # before the pushes to any table fill its log
+            if isinstance(t, Snapshot):
+                t.map_ahead()
         vshards = {n: virtual_shard(t.ids, v) for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                                   shard.config.virtual_shards, staged.dense_state, facts,

@@ -73,13 +73,14 @@ class Snapshot:
             return False
         return True
 
-    def _map_ahead(self) -> None:
+    def map_ahead(self) -> None:
         """Map the log's pages before the pushes that fill them, MAP_AHEAD_BYTES (all
         columns) past the rows logged, and the slots' index once (in the writing thread,
         without the table's lock, and without the GIL): a push that touches a fresh page
         takes a page fault while it holds the table's lock, a few microseconds per 4 KiB
         on a virtual machine. Where the kernel cannot (before Linux 5.14), the pushes map
-        the pages as they go."""
+        the pages as they go. Each `read` calls it; the writer calls it for every table
+        when it starts, as tables are written one after another."""
         if not self._reserved or not _populating:
             return
         t = self.table
@@ -163,7 +164,7 @@ class Snapshot:
             time.sleep((time.perf_counter() - self._resumed) * (1 / self.duty - 1))
         self._resumed = time.perf_counter()
         self._retired = []
-        self._map_ahead()
+        self.map_ahead()
         lo = self.done
         k = hi - lo
         out = {"ids": self._ids[lo:hi] if self.rows is None else

@@ -442,6 +442,31 @@ def test_the_writer_maps_the_log_a_window_ahead_of_the_rows_logged(
     snap.close()
 
 
+def test_the_writer_maps_every_tables_log_before_it_writes_the_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables are written one after another: pushes to the later ones find their logs
+    mapped all the same."""
+    snapshot_mod._populate(snapshot_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
+    if not snapshot_mod._populating:
+        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+    config = job(1, mode="async", tables={"a": {"dim": 8}, "c": {"dim": 8}})
+    shard = Shard(config, 0)
+    for name in ("a", "c"):
+        shard.push(name, np.arange(1000, dtype=np.uint64), np.ones((1000, 8), np.float32))
+    staged = persist._begin(shard, 0, None, "snapshot")
+    seen = {}
+    real = writer.write_shard
+
+    def write_shard(*args: object, **kwargs: object) -> Part:
+        seen.update({(n, k): t._mapped.get(k, 0) for n, t in shard.tables.items()
+                     for k in t._spare if k.startswith("@log:")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_shard", write_shard)
+    persist._write(shard, staged, LocalStorage(tmp_path), 0, time.perf_counter(), None)
+    assert len(seen) == 4 and set(seen.values()) == {1000}, seen  # 2 tables x 2 columns
+
+
 def test_a_log_that_cannot_be_reserved_grows_with_the_pushes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the system refuses the address space for the whole log at the barrier, the
