@@ -232,7 +232,9 @@ def read_all(snap: object, first: int, chunk: int, between: object = None) -> di
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> None:
+def trained_snapshot() -> tuple[Shard, SparseTable, np.ndarray, dict, Snapshot]:
+    """A pserver with 3,000 trained rows: its table, the ids, the rows as they are, and a
+    full snapshot begun."""
     shard = shards(1)[0]
     table = shard.tables["emb"]
     ids = np.arange(3000, dtype=np.uint64)
@@ -241,6 +243,11 @@ def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> No
     with table.lock:
         table.begin_save(0, None)
         snap = table.begin_snapshot()
+    return shard, table, ids, before, snap
+
+
+def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> None:
+    shard, table, ids, before, snap = trained_snapshot()
     with pytest.raises(ValueError, match="writing a snapshot already"):
         table.begin_snapshot()
 
@@ -363,6 +370,13 @@ def test_a_delta_snapshot_reads_the_changed_rows_as_they_were() -> None:
     assert snap.logged == len(range(900, 2000, 3))
 
 
+def needs_mapping_ahead() -> None:
+    """Skip where the kernel cannot map pages ahead (MADV_POPULATE_WRITE)."""
+    snapshot_mod._populate(snapshot_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
+    if not snapshot_mod._populating:
+        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+
+
 def page_faults_of_a_push(populate: bool, monkeypatch: pytest.MonkeyPatch
                           ) -> tuple[int, SparseTable, Snapshot]:
     """Minor page faults of one push of 10,000 rows the snapshot has not read yet (all
@@ -399,9 +413,7 @@ def test_the_log_has_room_for_every_row_and_its_pages_are_mapped_before_the_push
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The log is reserved at the barrier (no push grows it, copying it under the lock)
     and the writer maps its pages ahead of the pushes that fill them."""
-    snapshot_mod._populate(snapshot_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
-    if not snapshot_mod._populating:
-        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+    needs_mapping_ahead()
     pages = 10_000 * 64 * 4 * 2 // 4096  # the kept rows' values and Adagrad accumulators
     unmapped, table, snap = page_faults_of_a_push(False, monkeypatch)
     if unmapped < pages // 2:
@@ -419,17 +431,9 @@ def test_the_log_has_room_for_every_row_and_its_pages_are_mapped_before_the_push
 
 def test_the_writer_maps_the_log_a_window_ahead_of_the_rows_logged(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    snapshot_mod._populate(snapshot_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
-    if not snapshot_mod._populating:
-        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+    needs_mapping_ahead()
     monkeypatch.setattr(snapshot_mod, "MAP_AHEAD_BYTES", 100 * 8 * 4 * 2)  # 100 rows
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    ids = np.arange(3000, dtype=np.uint64)
-    train([shard], ids, 0)
-    with table.lock:
-        table.begin_save(0, None)
-        snap = table.begin_snapshot()
+    shard, table, ids, _, snap = trained_snapshot()
     snap.read(10)
     logs = [n for n in table._spare if n.startswith("@log:")]
     assert {table._mapped[n] for n in logs} == {100} and table._mapped["@slot"] == 3000
@@ -446,9 +450,7 @@ def test_the_writer_maps_every_tables_log_before_it_writes_the_first(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables are written one after another: pushes to the later ones find their logs
     mapped all the same."""
-    snapshot_mod._populate(snapshot_mod._aligned_empty((1,), np.dtype(np.uint8)), 0, 1)
-    if not snapshot_mod._populating:
-        pytest.skip("this kernel cannot map pages ahead (MADV_POPULATE_WRITE)")
+    needs_mapping_ahead()
     config = job(1, mode="async", tables={"a": {"dim": 8}, "c": {"dim": 8}})
     shard = Shard(config, 0)
     for name in ("a", "c"):
@@ -479,14 +481,7 @@ def test_a_log_that_cannot_be_reserved_grows_with_the_pushes(
         return real(shape, dtype)
 
     monkeypatch.setattr(snapshot_mod, "_aligned_empty", refuse)
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    ids = np.arange(3000, dtype=np.uint64)
-    train([shard], ids, 0)
-    before = table.export()
-    with table.lock:
-        table.begin_save(0, None)
-        snap = table.begin_snapshot()
+    shard, table, ids, before, snap = trained_snapshot()
     assert not snap._reserved
 
     def pushes() -> None:  # the second push grows the log, keeping the first one's rows
