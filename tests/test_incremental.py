@@ -232,12 +232,13 @@ def read_all(snap: object, first: int, chunk: int, between: object = None) -> di
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-def trained_snapshot() -> tuple[Shard, SparseTable, np.ndarray, dict, Snapshot]:
-    """A pserver with 3,000 trained rows: its table, the ids, the rows as they are, and a
-    full snapshot begun."""
+def trained_snapshot(rows: int = 3000
+                     ) -> tuple[Shard, SparseTable, np.ndarray, dict, Snapshot]:
+    """A pserver with `rows` trained rows: its table, the ids, the rows as they are, and
+    a full snapshot begun."""
     shard = shards(1)[0]
     table = shard.tables["emb"]
-    ids = np.arange(3000, dtype=np.uint64)
+    ids = np.arange(rows, dtype=np.uint64)
     train([shard], ids, 0)
     before = table.export()
     with table.lock:
@@ -309,14 +310,7 @@ def test_pushes_while_the_rows_are_copied_do_not_reach_the_snapshot(
 
 
 def test_a_snapshot_read_while_another_thread_pushes_is_the_barriers() -> None:
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    ids = np.arange(60_000, dtype=np.uint64)
-    train([shard], ids, 0)
-    before = table.export()
-    with table.lock:
-        table.begin_save(0, None)
-        snap = table.begin_snapshot()
+    shard, table, ids, before, snap = trained_snapshot(60_000)
     stop, pushed, errors = threading.Event(), [], []
 
     def pushes() -> None:
