@@ -247,6 +247,28 @@ def trained_snapshot(rows: int = 3000
     return shard, table, ids, before, snap
 
 
+def changed_snapshot(rows: int, every: int, delta: bool
+                     ) -> tuple[Shard, SparseTable, np.ndarray, dict, np.ndarray | None,
+                                Snapshot]:
+    """A pserver with `rows` trained rows, saved as checkpoint 0, then every `every`-th
+    row (0, every, ...) trained again: its table, the ids, the rows as they are, and
+    checkpoint 1's snapshot begun, a delta of checkpoint 0 (its row numbers) or full
+    (None)."""
+    shard = shards(1)[0]
+    table = shard.tables["emb"]
+    ids = np.arange(rows, dtype=np.uint64)
+    train([shard], ids, 0)
+    with table.lock:
+        table.begin_save(0, None)
+    train([shard], ids[::every], 1)
+    before = table.export()
+    base = 0 if delta else None
+    with table.lock:
+        changed = table.begin_save(1, base)
+        snap = table.begin_snapshot(changed, base)
+    return shard, table, ids, before, changed, snap
+
+
 def test_a_snapshot_reads_the_rows_as_they_were_while_pushes_change_them() -> None:
     shard, table, ids, before, snap = trained_snapshot()
     with pytest.raises(ValueError, match="writing a snapshot already"):
@@ -275,17 +297,7 @@ def test_pushes_while_the_rows_are_copied_do_not_reach_the_snapshot(
     """The writer copies rows without the table's lock: a push that lands during the copy
     (here: at the start of each column's copy, to rows of the chunk and beyond, so the
     copy sees some new values) is undone from the log under the lock."""
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    ids = np.arange(2000, dtype=np.uint64)
-    train([shard], ids, 0)
-    with table.lock:
-        table.begin_save(0, None)
-    train([shard], ids[::2], 1)  # the delta: every other row
-    before = table.export()
-    with table.lock:
-        rows = table.begin_save(1, 0 if delta else None)
-        snap = table.begin_snapshot(rows, 0 if delta else None)
+    shard, table, ids, before, rows, snap = changed_snapshot(2000, 2, delta)
     copy, take, seeds = np.copyto, np.take, iter(range(100, 10_000))
     order = rows if delta else np.arange(len(ids))  # position -> row number (= its id here)
 
@@ -344,17 +356,7 @@ def test_a_snapshot_read_while_another_thread_pushes_is_the_barriers() -> None:
 
 
 def test_a_delta_snapshot_reads_the_changed_rows_as_they_were() -> None:
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    ids = np.arange(3000, dtype=np.uint64)
-    train([shard], ids, 0)
-    with table.lock:
-        table.begin_save(0, None)
-    train([shard], ids[::3], 1)  # rows 0, 3, 6, ... change after checkpoint 0
-    before = table.export()
-    with table.lock:
-        rows = table.begin_save(1, 0)
-        snap = table.begin_snapshot(rows, 0)
+    shard, table, ids, before, rows, snap = changed_snapshot(3000, 3, delta=True)
     assert np.array_equal(rows, np.arange(0, 3000, 3)) and snap.count == 1000
     assert np.array_equal(snap.ids, ids[::3])
     got = read_all(snap, 300, 128, lambda: train([shard], ids[:2000], 2))
@@ -490,15 +492,10 @@ def test_a_log_that_cannot_be_reserved_grows_with_the_pushes(
 
 
 def test_a_failed_save_stops_its_snapshot_and_a_reload_abandons_one() -> None:
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    train([shard], np.arange(100, dtype=np.uint64), 0)
-    with table.lock:
-        table.begin_save(0, None)
-        snap = table.begin_snapshot()
+    shard, table, ids, _, snap = trained_snapshot(100)
     snap.read(10)
     snap.close()  # what a failed save does: pushes keep nothing now
-    train([shard], np.arange(100, dtype=np.uint64), 1)
+    train([shard], ids, 1)
     assert snap.logged == 0
     with table.lock:
         table.begin_save(1, None)
@@ -654,12 +651,7 @@ def test_a_background_save_that_cannot_begin_changes_nothing(tmp_path: Path) -> 
 def test_a_snapshot_abandoned_by_a_reload_keeps_its_own_buffers() -> None:
     """A reload abandons a snapshot whose writer may still be copying: the next snapshot
     reads into other buffers, and the abandoned one fails at its next read."""
-    shard = shards(1)[0]
-    table = shard.tables["emb"]
-    train([shard], np.arange(3000, dtype=np.uint64), 0)
-    with table.lock:
-        table.begin_save(0, None)
-        old = table.begin_snapshot()
+    _, table, _, _, old = trained_snapshot()
     stale = old.read(1000)["values"]
     table.load(table.export())
     with table.lock:
