@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ckpt import reader  # noqa: E402
-from ckpt.storage import LocalStorage  # noqa: E402
+from ckpt.local import LocalStorage  # noqa: E402
 from trainer.datagen import generate  # noqa: E402
 from trainer.demo import demo_job, dump_toml  # noqa: E402
 

@@ -51,10 +51,10 @@ from _common import wait_ready_file
 
 from ckpt import CheckpointConfig, reader, writer
 from ckpt.config import PRIORITIES
-from ckpt.storage import LocalStorage
+from ckpt.local import LocalStorage
 from pserver import config as cfg
-from pserver.client import PSClient
-from pserver.coordinator_rpc import CoordinatorClient
+from pserver.rpc.client import PSClient
+from pserver.rpc.coord import CoordinatorClient
 from trainer.demo import dump_toml
 
 DIM = 64

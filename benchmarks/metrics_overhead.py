@@ -33,9 +33,9 @@ import numpy as np
 from _common import rate, start_pservers, stop, workdir
 
 from pserver import config as cfg
-from pserver import metrics as pmetrics
-from pserver.client import PSClient
-from pserver.shard import Shard
+from pserver.metrics import server_metrics as pmetrics
+from pserver.rpc.client import PSClient
+from pserver.tables.shard import Shard
 
 DIM = 64
 SIZES = (256, 4096)

@@ -25,7 +25,7 @@ import numpy as np
 from _common import ROOT, rate, start_pservers, stop, wait_ready_file, workdir
 
 from pserver import config as cfg
-from pserver.client import PSClient
+from pserver.rpc.client import PSClient
 
 DIM = 64
 UNIVERSE = 10_000_000

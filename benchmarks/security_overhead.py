@@ -21,7 +21,7 @@ from _common import rate, start_pservers, stop, workdir
 from pull_push import DIM, id_batches, security_keys
 
 from pserver import config as cfg
-from pserver.client import PSClient
+from pserver.rpc.client import PSClient
 
 
 def main() -> None:

@@ -32,9 +32,8 @@ import time
 import numpy as np
 from _common import rate
 
-from pserver.config import TableSpec
-from pserver.optimizers import OptimizerSpec
-from pserver.table import SparseTable
+from pserver.config import OptimizerSpec, TableSpec
+from pserver.tables.sparse import SparseTable
 
 DIM = 64
 SPREAD = np.uint64(0x9E3779B97F4A7C15)  # odd: arange * SPREAD is a bijection on 64 bits
@@ -97,7 +96,7 @@ def resident_bytes(arr: np.ndarray) -> int | None:
 
 def table_arrays(table: SparseTable) -> dict[str, np.ndarray]:
     """The table's row arrays and the id index's slot array (internals, read only)."""
-    return {**table._arrays, "index": table._index._slots}
+    return {**table.columns, "index": table._index._slots}
 
 
 def fill(table: SparseTable, rows: int, batch: int) -> tuple[float, list[dict], float, int]:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from _common import ROOT, wait_ready_file, workdir
 
-from pserver.table import SparseTable
+from pserver.tables.sparse import SparseTable
 from trainer import data as tdata
 from trainer.datagen import GeneratorConfig, GroundTruth, generate
 from trainer.demo import DEMO_DATA, DEMO_EXAMPLES, demo_job, dump_toml

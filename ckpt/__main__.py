@@ -21,7 +21,8 @@ import sys
 import time
 
 from ckpt import layout, lock, reader
-from ckpt.storage import Storage, open_storage
+from ckpt.backends import open_storage
+from ckpt.storage import Storage
 
 
 def _age(seconds: float) -> str:

@@ -21,10 +21,11 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
+import fsspec
 import numpy as np
 import xxhash
 
-from ckpt.storage import CHUNK, ArrayWriter, FileEntry, Storage, _join, shown
+from ckpt.storage import CHUNK, ArrayWriter, FileEntry, Storage, join, shown
 
 # stores whose directories are only key prefixes: nothing to create, and the first
 # path component is a bucket (or container) that must exist already
@@ -43,10 +44,6 @@ class FsspecStorage(Storage):
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         """Checks the URL; the file system is made (and any connection opened) on first
         use, so a store that cannot be reached fails there, naming the URL."""
-        try:
-            import fsspec
-        except ImportError as e:  # a runtime dependency, but say so plainly
-            raise ValueError(f"checkpoint_dir {shown(url)!r} is a URL: install fsspec") from e
         self._url, self._options = url.rstrip("/"), storage_options
         self.root = shown(self._url)  # in messages: never credentials
         self.protocol = url.split("://", 1)[0].lower()
@@ -65,8 +62,6 @@ class FsspecStorage(Storage):
 
     @functools.cached_property
     def fs(self) -> Any:  # noqa: ANN401 - an fsspec AbstractFileSystem
-        import fsspec
-
         try:
             return fsspec.core.url_to_fs(self._url, **self._options)[0]
         except (OSError, ValueError, TypeError) as e:  # unreachable, bad options
@@ -173,7 +168,7 @@ class FsspecStorage(Storage):
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
     def write_bytes(self, base: str, rel: str, data: bytes) -> FileEntry:
-        path = self._path(_join(base, rel))
+        path = self._path(join(base, rel))
         self._parent(path)
         self.fs.pipe_file(path, data)
         return FileEntry(rel, len(data), xxhash.xxh3_64_intdigest(data))
@@ -183,7 +178,7 @@ class FsspecStorage(Storage):
                    fsync: bool = True) -> Iterator[ArrayWriter]:
         """Streamed to the store (multipart on object stores); the file is complete (and
         durable, as the store makes it) when the context closes."""
-        path = self._path(_join(base, rel))
+        path = self._path(join(base, rel))
         self._parent(path)
         with self.fs.open(path, "wb") as f:
             yield ArrayWriter(f, rel, dtype, shape)

@@ -12,7 +12,9 @@ import logging
 import sys
 
 from pserver import config as cfg
-from pserver.server import run
+from pserver.rpc import health
+from pserver.rpc.server import run
+from pserver.rpc.status import report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,8 +50,6 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")
     args = p.parse_args(argv)
-    from pserver.status import report
-
     try:
         config = cfg.load(args.config, args.set)
         text, all_ok = report(config, args.timeout)  # reads the TLS files and token
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "status":
         return status_main(argv[1:])
     if argv and argv[0] == "health":
-        from pserver.health import main as health_main
-
-        return health_main(argv[1:])
+        return health.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

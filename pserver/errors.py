@@ -1,13 +1,14 @@
 """psrt's error types and the one table that maps them to gRPC status codes.
 
-Servers raise these from pure logic; the servicer turns them into a status
-with the message; the client turns a status back into the same type, carrying
-the server's message.
+Pure logic raises these; the servicers turn them into a status with the
+message (`pserver.rpc.handlers`); the clients turn a status back into the same
+type, carrying the server's message. The table names the codes, so that this
+module (and the table logic that raises its errors) imports no gRPC.
 """
 
 from __future__ import annotations
 
-import grpc
+JOB_FAILED = 3  # exit code: the job failed (a process did not come back); not restarted
 
 
 class PsrtError(Exception):
@@ -24,6 +25,10 @@ class NotFound(PsrtError, LookupError):
 
 class FailedPrecondition(PsrtError, RuntimeError):
     """Wrong step or generation: the request does not fit the server's state."""
+
+
+class CheckpointFailed(FailedPrecondition):
+    """A checkpoint could not be committed; the message lists each failing process."""
 
 
 class Unavailable(PsrtError, ConnectionError):
@@ -50,32 +55,28 @@ class Internal(PsrtError, RuntimeError):
     """A bug on the server: the message says where."""
 
 
-STATUS = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    JobFailed: grpc.StatusCode.ABORTED,
-    Internal: grpc.StatusCode.INTERNAL,
+STATUS = {  # error type -> the name of its grpc.StatusCode
+    InvalidArgument: "INVALID_ARGUMENT",
+    NotFound: "NOT_FOUND",
+    FailedPrecondition: "FAILED_PRECONDITION",
+    Unavailable: "UNAVAILABLE",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    ResourceExhausted: "RESOURCE_EXHAUSTED",
+    Unauthenticated: "UNAUTHENTICATED",
+    JobFailed: "ABORTED",
+    Internal: "INTERNAL",
 }
 _BY_CODE = {code: err for err, code in STATUS.items()}
 
 
-def status_of(err: PsrtError) -> grpc.StatusCode:
+def code_name(err: PsrtError) -> str:
+    """The status code name of an error (the nearest type of the table it subclasses)."""
     for cls in type(err).__mro__:
         if cls in STATUS:
             return STATUS[cls]
-    return grpc.StatusCode.INTERNAL
+    return "INTERNAL"
 
 
-def from_rpc_error(err: grpc.RpcError, where: str) -> PsrtError:
-    """The typed error for a failed call; `where` names the call and the peer."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    detail = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, Internal)
-    exc = cls(f"{where}: {detail}")
-    exc.code = code  # type: ignore[attr-defined]
-    return exc
+def from_code(name: str, message: str) -> PsrtError:
+    """The error of a status code name (INTERNAL's for codes of no type here)."""
+    return _BY_CODE.get(name, Internal)(message)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pserver import config as cfg
-from pserver.client import PSClient
-from pserver.server import Pserver, create_server
+from pserver.rpc.client import PSClient
+from pserver.rpc.server import Pserver, create_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

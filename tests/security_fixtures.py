@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trustme
 
-from pserver.client import PSClient
+from pserver.rpc.client import PSClient
 from tests.conftest import Cluster, generated_data
 from trainer.demo import demo_job, dump_toml
 

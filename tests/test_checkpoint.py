@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ckpt import layout, reader
-from ckpt.storage import LocalStorage
+from ckpt.local import LocalStorage
 from tests.conftest import generated_data, python_env
 from trainer.demo import demo_job, dump_toml
 

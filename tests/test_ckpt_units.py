@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
-from ckpt.config import from_section
+from ckpt.local import DirectFile, LocalStorage
 from ckpt.manifest import merge
-from ckpt.storage import HEADER_ALIGN, ArrayWriter, DirectFile, LocalStorage, npy_header
+from ckpt.storage import HEADER_ALIGN, ArrayWriter, npy_header
+from pserver.config import build as build_job
 
 JOB = {"name": "j", "mode": "sync", "num_pservers": 1, "num_trainers": 1,
        "virtual_shards": 4, "tables": {"t": {"dim": 2, "optimizer": "sgd", "state": []}},
@@ -51,9 +52,9 @@ def test_config_names_the_bad_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):
         CheckpointConfig(**args)
     with pytest.raises(ValueError, match=f"^checkpoint.{field}: "):
-        from_section(args)
+        build_job({"checkpoint": args})
     with pytest.raises(ValueError, match="^checkpoint.colour: unknown key"):
-        from_section({"colour": 1})
+        build_job({"checkpoint": {"colour": 1}})
 
 
 def test_trigger_is_the_guides() -> None:

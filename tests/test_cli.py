@@ -16,6 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from pserver.config import SECTIONS
+from pserver.config.schema import keys
 from tests.conftest import generated_data, python_env, wait_file
 from trainer.demo import demo_job, dump_toml
 
@@ -67,12 +69,10 @@ def test_pserver_id_out_of_range_and_port_in_use(tmp_path: Path) -> None:
 
 
 def test_pserver_help_documents_every_key(tmp_path: Path) -> None:
-    from pserver.config import NAMED_SCHEMAS, SCHEMAS
-
     r = run("-m", "pserver", "--help", cwd=tmp_path)
     assert r.returncode == 0
-    for schema in [*SCHEMAS.values(), *NAMED_SCHEMAS.values()]:
-        for key in schema:
+    for _, section in SECTIONS:
+        for key in keys(section):
             assert f"  {key.name} (" in r.stdout, key.name
 
 

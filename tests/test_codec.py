@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pserver import codec
-from pserver import psrt_pb2 as pb
 from pserver.errors import InvalidArgument
-from pserver.wire import encode_tensor
+from pserver.wire import codec
+from pserver.wire import psrt_pb2 as pb
+from pserver.wire.tensor import encode_tensor
 
 CASES = [(0, 4, 0, 0), (5, 3, 2, 7), (1, 1, -1, -5), (100, 64, 1, 2**40), (3, 2, 2**31 - 1, -1)]
 

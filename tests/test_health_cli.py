@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pserver.__main__ import main
-from pserver.health import check
+from pserver.rpc.health import check
 from tests.conftest import Cluster, job
 from tests.security_fixtures import pki, rpc
 

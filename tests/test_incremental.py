@@ -16,16 +16,18 @@ import pytest
 
 from ckpt import CheckpointConfig, reader, retention, writer
 from ckpt import __main__ as ckpt_cli
-from ckpt.config import from_section
+from ckpt.backends import open_storage
+from ckpt.local import LocalStorage
 from ckpt.manifest import Part, merge
-from ckpt.storage import HEADER_ALIGN, LocalStorage, open_storage
-from pserver import persist, sharding
-from pserver import snapshot as snapshot_mod
-from pserver.coordinator import CheckpointFailed, Coordinator
+from ckpt.storage import HEADER_ALIGN
+from pserver.config import build as build_job
+from pserver.coord.coordinator import CheckpointFailed, Coordinator
 from pserver.errors import FailedPrecondition
-from pserver.shard import Shard
-from pserver.snapshot import Snapshot
-from pserver.table import SparseTable
+from pserver.tables import persist, sharding
+from pserver.tables import snapshot as snapshot_mod
+from pserver.tables.shard import Shard
+from pserver.tables.snapshot import Snapshot
+from pserver.tables.sparse import SparseTable
 from tests.conftest import job
 
 ROWS = 2000
@@ -207,7 +209,7 @@ def test_full_every_must_be_a_positive_integer(value: object) -> None:
     with pytest.raises(ValueError, match=f"^full_every: expected an integer >= 1, got {value!r}"):
         CheckpointConfig("d", full_every=value)
     with pytest.raises(ValueError, match="^checkpoint.full_every: expected an integer >= 1"):
-        from_section({"checkpoint_dir": "d", "full_every": value})
+        build_job({"checkpoint": {"checkpoint_dir": "d", "full_every": value}})
 
 
 def test_every_kth_save_is_full() -> None:
@@ -388,20 +390,20 @@ def page_faults_of_a_push(populate: bool, monkeypatch: pytest.MonkeyPatch
         table.begin_save(0, None)
         snap = table.begin_snapshot()
     snap.read(1000)
-    logs = {n: b for n, b in table._spare.items() if n.startswith("@log:")}
+    logs = {n: b for n, b in table.kept.spare.items() if n.startswith("@log:")}
     faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     shard.push("emb", ids[10_000:30_000:2], grads[:10_000])
     faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - faults
     assert snap.logged == 10_000
-    assert all(table._spare[n] is b for n, b in logs.items())  # not grown by the push
+    assert all(table.kept.spare[n] is b for n, b in logs.items())  # not grown by the push
     return faults, table, snap
 
 
 def log_bytes(table: SparseTable, snap: Snapshot, rows: int) -> int:
     """What `allocated_bytes` should be with `rows` rows of each log column in use."""
-    logs = [b for n, b in table._spare.items() if n.startswith("@log:")]
-    whole = sum(a.nbytes for a in [*table._arrays.values(), *table._spare.values(),
-                                   *snap._chunks.values()])
+    logs = [b for n, b in table.kept.spare.items() if n.startswith("@log:")]
+    whole = sum(a.nbytes for a in [*table.columns.values(), *table.kept.spare.values(),
+                                   *snap.chunk_buffers])
     return whole - sum(b.nbytes for b in logs) + sum(rows * b.strides[0] for b in logs)
 
 
@@ -415,7 +417,7 @@ def test_the_log_has_room_for_every_row_and_its_pages_are_mapped_before_the_push
     if unmapped < pages // 2:
         pytest.skip(f"{unmapped} page faults for {pages} pages: huge pages here")
     # the reserved log counts as allocated only as far as rows were written into it
-    assert all(len(b) >= snap.count for n, b in table._spare.items() if n.startswith("@log:"))
+    assert all(len(b) >= snap.count for n, b in table.kept.spare.items() if n.startswith("@log:"))
     assert table.allocated_bytes == log_bytes(table, snap, 10_000)
     snap.close()
     mapped, table, snap = page_faults_of_a_push(True, monkeypatch)
@@ -431,13 +433,13 @@ def test_the_writer_maps_the_log_a_window_ahead_of_the_rows_logged(
     monkeypatch.setattr(snapshot_mod, "MAP_AHEAD_BYTES", 100 * 8 * 4 * 2)  # 100 rows
     shard, table, ids, _, snap = trained_snapshot()
     snap.read(10)
-    logs = [n for n in table._spare if n.startswith("@log:")]
-    assert {table._mapped[n] for n in logs} == {100} and table._mapped["@slot"] == 3000
+    logs = [n for n in table.kept.spare if n.startswith("@log:")]
+    assert {table.kept.mapped[n] for n in logs} == {100} and table.kept.mapped["@slot"] == 3000
     assert table.allocated_bytes == log_bytes(table, snap, 100)
     train([shard], ids[1000:1300], 1)  # 300 rows kept: written by the push
-    assert {table._mapped[n] for n in logs} == {300}
+    assert {table.kept.mapped[n] for n in logs} == {300}
     snap.read(20)
-    assert {table._mapped[n] for n in logs} == {400}
+    assert {table.kept.mapped[n] for n in logs} == {400}
     assert table.allocated_bytes == log_bytes(table, snap, 400)
     snap.close()
 
@@ -456,8 +458,8 @@ def test_the_writer_maps_every_tables_log_before_it_writes_the_first(
     real = writer.write_shard
 
     def write_shard(*args: object, **kwargs: object) -> Part:
-        seen.update({(n, k): t._mapped.get(k, 0) for n, t in shard.tables.items()
-                     for k in t._spare if k.startswith("@log:")})
+        seen.update({(n, k): t.kept.mapped.get(k, 0) for n, t in shard.tables.items()
+                     for k in t.kept.spare if k.startswith("@log:")})
         return real(*args, **kwargs)
 
     monkeypatch.setattr(writer, "write_shard", write_shard)
@@ -608,7 +610,7 @@ def test_a_background_save_writes_at_its_cpu_priority(
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(persist, "_write", write)
-    with caplog.at_level(logging.INFO, logger="pserver.persist"):
+    with caplog.at_level(logging.INFO, logger="pserver.tables.persist"):
         persist.save_shard_background(live[0], storage, 0,
                                       lambda part, err: done.append((part, err, now())),
                                       priority=priority)
@@ -642,7 +644,7 @@ def test_a_background_save_that_cannot_begin_changes_nothing(tmp_path: Path) -> 
                                       lambda *a: None, priority="high")
     with pytest.raises(ValueError, match="cannot connect"):
         persist.save_shard_background(live[0], Unreachable(tmp_path), 0, lambda *a: None)
-    assert table._cow is None
+    assert table.writing is None
     with table.lock:  # a save may begin
         table.begin_save(0, None)
         table.begin_snapshot().close(locked=True)

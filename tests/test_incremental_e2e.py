@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckpt import reader
-from ckpt.storage import LocalStorage
+from ckpt.local import LocalStorage
 from tests.conftest import generated_data, python_env
 from tests.test_checkpoint import (
     _pid_of,

@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pserver import config as cfg
-from pserver import metrics as pmetrics
-from pserver.exporter import port_for
-from pserver.servicer import SERVICE
+from pserver.metrics import server_metrics as pmetrics
+from pserver.metrics.exporter import port_for
+from pserver.wire.methods import PARAMETER_SERVER as SERVICE
 from tests.conftest import Cluster, generated_data, job, python_env
 from trainer.demo import demo_job, dump_toml
 
@@ -236,7 +236,7 @@ class NoCheckpointYet:
 
 def exported_names() -> dict[str, str]:
     """Every psrt_ family a pserver (hosting the coordinator) and a trainer export, by type."""
-    from pserver.shard import Shard
+    from pserver.tables.shard import Shard
     from trainer.metrics_export import TrainerExport
 
     config = job(1)

@@ -7,15 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from trainer.models import (
-    MODEL_SCHEMA,
-    DeepFM,
-    LogisticRegression,
-    Model,
-    ModelConfigError,
-    build_model,
-    describe_schema,
-)
+from pserver.config import ConfigError
+from pserver.config.schema import describe_sections, keys, shown_default
+from trainer.models import DeepFM, LogisticRegression, Model, ModelConfig, build_model
 
 
 def make_batch(
@@ -277,7 +271,7 @@ def test_sgd_lowers_the_loss(model: Model) -> None:
 def test_build_model_defaults_and_kinds() -> None:
     model = build_model({})
     assert isinstance(model, DeepFM)
-    defaults = {k.name: k.default for k in MODEL_SCHEMA}
+    defaults = {k.name: shown_default(k) for k in keys(ModelConfig)}
     assert defaults == {
         "kind": "deepfm",
         "embedding_dim": 8,
@@ -303,8 +297,8 @@ def test_build_model_defaults_and_kinds() -> None:
     )
     assert ref.dense_shapes()["mlp_w0"] == (416, 64) and ref.tables() == {"emb_0": 16}
     assert build_model({"slot_groups": 4}).tables()["emb_3"] == 8
-    text = describe_schema()
-    assert all(f"  {k.name} (" in text for k in MODEL_SCHEMA)
+    text = describe_sections([("model", ModelConfig)])
+    assert all(f"  {k.name} (" in text for k in keys(ModelConfig))
 
 
 @pytest.mark.parametrize(
@@ -325,7 +319,7 @@ def test_build_model_defaults_and_kinds() -> None:
 def test_build_model_errors(section: dict, prefix: str, detail: str) -> None:
     with pytest.raises(ValueError) as err:
         build_model(section)
-    assert isinstance(err.value, ModelConfigError)
+    assert isinstance(err.value, ConfigError)
     assert str(err.value).startswith(prefix), str(err.value)
     assert detail in str(err.value)
 

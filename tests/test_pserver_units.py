@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pserver import initializers, sharding
-from pserver.config import DenseSpec, TableSpec
-from pserver.dedup import dedup, sum_duplicates
-from pserver.idindex import IdIndex
-from pserver.optimizers import OptimizerSpec
-from pserver.table import DenseVariable, SparseTable
+from pserver.config import DenseSpec, OptimizerSpec, TableSpec
+from pserver.tables import initializers, sharding
+from pserver.tables.dedup import dedup, sum_duplicates
+from pserver.tables.dense import DenseVariable
+from pserver.tables.idindex import IdIndex
+from pserver.tables.sparse import SparseTable
 
 
 def test_owner_spreads_sequential_ids_and_matches_owned_ranges() -> None:

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from pserver import config as cfg
-from pserver.client import PSClient
-from pserver.coordinator_rpc import CoordinatorClient
 from pserver.errors import FailedPrecondition, InvalidArgument, Unavailable
+from pserver.rpc.client import PSClient
+from pserver.rpc.coord import CoordinatorClient
 from tests.conftest import ROOT, generated_data, job, python_env, wait_file
 from tests.test_checkpoint import write_job
 

@@ -25,10 +25,12 @@ import pytest
 
 from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
 from ckpt.__main__ import main as ckpt_main
-from ckpt.config import from_section
+from ckpt.backends import open_storage
+from ckpt.local import LocalStorage
 from ckpt.manifest import merge
 from ckpt.remote import FsspecStorage
-from ckpt.storage import LocalStorage, Storage, open_storage
+from ckpt.storage import Storage
+from pserver.config import build as build_job
 from tests.conftest import generated_data, python_env
 from tests.test_checkpoint import _pid_of, assert_identical, launch, write_job
 
@@ -116,7 +118,7 @@ def test_connect_makes_the_file_system_in_the_calling_thread(tmp_path: Path) -> 
 ])
 def test_bad_locations_are_refused_naming_the_key(section: dict, match: str) -> None:
     with pytest.raises(ValueError, match="^checkpoint." + match):
-        from_section(section)
+        build_job({"checkpoint": section})
 
 
 def test_storage_options_stay_out_of_repr_and_messages(endpoint: str) -> None:

@@ -13,11 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pserver import config as cfg
-from pserver import security
-from pserver.client import PSClient
-from pserver.coordinator_rpc import CoordinatorClient
 from pserver.errors import Unauthenticated, Unavailable
-from pserver.status import report
+from pserver.rpc import security
+from pserver.rpc.client import PSClient
+from pserver.rpc.coord import CoordinatorClient
+from pserver.rpc.status import report
 from tests.conftest import Cluster, job
 from tests.security_fixtures import OTHER, TOKEN, client_with, pki, rpc
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from pserver import config as cfg
-from pserver.client import PSClient
-from pserver.status import report
+from pserver.rpc.client import PSClient
+from pserver.rpc.status import report
 from tests.conftest import ROOT, Cluster, job, python_env, wait_file
 from tests.security_fixtures import OTHER, TOKEN, client_with, data, job_file, pki, rpc
 from trainer.demo import dump_toml

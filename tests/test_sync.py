@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from pserver import errors
-from pserver import psrt_pb2 as pb
 from pserver.config import JobConfig
-from pserver.servicer import SERVICE
-from pserver.sharding import owner
-from pserver.table import DenseVariable, SparseTable
-from pserver.wire import encode_ids, encode_tensor
+from pserver.tables.dense import DenseVariable
+from pserver.tables.sharding import owner
+from pserver.tables.sparse import SparseTable
+from pserver.wire import psrt_pb2 as pb
+from pserver.wire.methods import PARAMETER_SERVER as SERVICE
+from pserver.wire.tensor import encode_ids, encode_tensor
 from tests.conftest import Cluster, job
 
 SEED = 20240611

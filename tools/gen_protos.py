@@ -1,7 +1,9 @@
-"""Regenerate the gRPC stubs in pserver/ from proto/ (needs grpcio-tools).
+"""Regenerate the protobuf classes in pserver/wire/ from proto/ (needs grpcio-tools).
 
-Run `python tools/gen_protos.py`; `tests/test_protos.py` checks that doing so
-changes nothing.
+Only the messages are generated (psrt_pb2.py and its .pyi): servers and clients
+build their handlers and stubs from the method table `pserver.wire.methods`,
+which reads the services from the same descriptor. Run `python
+tools/gen_protos.py`; `tests/unit/test_docs.py` checks that doing so changes nothing.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def generate(out_dir: Path) -> None:
     from grpc_tools import protoc
 
-    proto = ROOT / "proto" / "pserver" / "psrt.proto"
+    proto = ROOT / "proto" / "pserver" / "wire" / "psrt.proto"
     args = [
         "protoc",
         f"-I{ROOT / 'proto'}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
         str(proto),
     ]
     if protoc.main(args) != 0:

@@ -10,37 +10,30 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pserver.config.schema import Key, keys, shown_default
+from trainer.config import SECTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
 
 
-def _row(name: str, typ: type, default: object, doc: str, required: bool = False) -> str:
-    shown = "required" if required else f"`{default!r}`".replace("|", "\\|")
-    return f"| `{name}` | {typ.__name__} | {shown} | {doc} |"
+def _row(k: Key) -> str:
+    if k.required:
+        shown = "required"
+    elif k.shown is not None:
+        shown = k.shown
+    else:
+        shown = f"`{shown_default(k)!r}`".replace("|", "\\|")
+    return f"| `{k.name}` | {k.type} | {shown} | {k.doc} |"
 
 
 def tables() -> str:
-    from ckpt.config import KEYS as CKPT
-    from pserver.config import NAMED_SCHEMAS, SCHEMAS
-    from trainer.config import DATA_KEYS, TRAINER_KEYS
-    from trainer.models import MODEL_SCHEMA
-
-    sections = [(f"[{s}]", keys) for s, keys in SCHEMAS.items()]
-    sections += [(f"[{s}.NAME]", keys) for s, keys in NAMED_SCHEMAS.items()]
-    sections += [("[trainer]", TRAINER_KEYS), ("[data]", DATA_KEYS)]
     out = []
-    for title, keys in sections:
-        out += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for k in keys:
-            required = k.default is None and k.name != "seed"
-            default = "derived" if k.name == "seed" and k.default is None else k.default
-            out.append(_row(k.name, k.type, default, k.doc, required))
+    for title, cls in SECTIONS:
+        out += [f"**[{title}]**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [_row(k) for k in keys(cls)]
         out.append("")
-    out += ["**[model]**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    out += [_row(k.name, k.type, k.default, k.doc) for k in MODEL_SCHEMA]
-    out += ["", "**[checkpoint]**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    out += [_row(n, t, d, doc) for n, (t, d, doc) in CKPT.items()]
-    return "\n".join(out).replace("`'derived'`", "derived")
+    return "\n".join(out).rstrip()
 
 
 def current(readme: str) -> str:

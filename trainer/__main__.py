@@ -23,18 +23,18 @@ import sys  # noqa: E402
 
 from ckpt.lock import LockedError  # noqa: E402
 from pserver import config as pscfg  # noqa: E402
-from pserver.errors import JobFailed, PsrtError  # noqa: E402
-from pserver.server import JOB_FAILED  # noqa: E402
+from pserver.errors import JOB_FAILED, JobFailed, PsrtError  # noqa: E402
+from trainer import config as tcfg  # noqa: E402
+from trainer import datagen, launch, plot  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from trainer import config as tcfg
-
     p = argparse.ArgumentParser(
         prog="python -m trainer",
         description=__doc__,
         epilog="Job file keys (override with --set SECTION.KEY=VALUE or PSRT_SECTION__KEY):\n"
-        + pscfg.describe() + "\n" + tcfg.describe(),
+        + tcfg.describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--id", type=int, help="trainer id, 0..T-1 (distributed)")
@@ -51,8 +51,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.loop import Trainer
-
     role = "trainer" if args.standalone else f"trainer[{args.id}]"
     try:
         trainer = Trainer(args.config, args.id or 0, standalone=args.standalone,
@@ -79,17 +77,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "launch":
-        from trainer.launch import main as launch_main
-
-        return launch_main(argv[1:])
+        return launch.main(argv[1:])
     if argv and argv[0] == "datagen":
-        from trainer.datagen import main as datagen_main
-
-        return datagen_main(argv[1:]) or 0
+        return datagen.main(argv[1:]) or 0
     if argv and argv[0] == "plot":
-        from trainer.plot import main as plot_main
-
-        return plot_main(argv[1:])
+        return plot.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

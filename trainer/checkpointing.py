@@ -1,12 +1,14 @@
 """The trainer's side of checkpoints: restore at start, save at trigger steps.
 
-Distributed, the coordinator runs on pserver 0 and is reached over gRPC;
-stand-alone, the same `Coordinator` runs in this process over the in-process
-shard, so both write the same layout through the same code.
+A `Checkpointer` gets its collaborators explicitly: the coordinator (over gRPC,
+`pserver.rpc.coord.CoordinatorClient`, or in this process for the
+stand-alone trainer, `pserver.coord.local.standalone`: both write the same
+layout through the same code), the client (trainer 0 pulls the dense values it
+saves; a rollback fences it), and the trainer's counters (`Counters`).
 
-Distributed, the trainer also heartbeats (`pserver.heartbeat`): when the job
-rolls back, its client is fenced, its next call fails, and the training loop
-calls `restore` again, which joins the new generation with backoff.
+Distributed, the trainer also heartbeats (`pserver.coord.heartbeat`): when the
+job rolls back, its client is fenced, its next call fails, and the training
+loop calls `restore` again, which joins the new generation with backoff.
 """
 
 from __future__ import annotations
@@ -14,56 +16,55 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ckpt import CheckpointConfig, reader, writer
-from ckpt.manifest import Part
-from pserver import persist
-from pserver.coordinator import CheckpointFailed, Coordinator
-from pserver.coordinator_rpc import CoordinatorClient
+from pserver.config import RecoveryConfig
+from pserver.coord.heartbeat import Heartbeat
 from pserver.errors import (
+    CheckpointFailed,
     DeadlineExceeded,
     FailedPrecondition,
     JobFailed,
     Unavailable,
 )
-from pserver.heartbeat import Heartbeat
-
-if TYPE_CHECKING:
-    from trainer.loop import Trainer
+from pserver.retry import retry
+from pserver.rpc.api import Client
 
 log = logging.getLogger(__name__)
 
 
+class Counters(Protocol):
+    """What a checkpoint saves of a trainer, and gives back (the `Trainer`)."""
+
+    global_step: int
+
+    def counters(self) -> dict:
+        """The reader's position and RNG state and the global step (JSON)."""
+
+    def load_counters(self, state: dict | None) -> None:
+        """Go on from saved counters (None: from the start of training)."""
+
+    def flush(self) -> None:
+        """Wait until the last step's push is answered."""
+
+
 class Checkpointer:
-    def __init__(self, trainer: Trainer, config: CheckpointConfig) -> None:
-        self.t = trainer
-        self.config = config
+    def __init__(self, config: CheckpointConfig, coord: Any, client: Client,
+                 counters: Counters, export: Any, *, trainer_id: int, role: str, sync: bool,
+                 timeout: float, recovery: RecoveryConfig | None = None,
+                 coordinator_name: str = "the coordinator") -> None:
+        """`coord`: a `Coordinator` or `CoordinatorClient`; `export`: the trainer's metrics
+        (`trainer.metrics_export.TrainerExport`); `recovery`: heartbeat and rejoin with
+        these settings (None: stand-alone, nothing to heartbeat to); `timeout`: the
+        deadline of the barrier and the commit (`rpc.checkpoint_timeout_s`)."""
+        self.config, self.coord, self.client = config, coord, client
+        self.counters, self.export = counters, export
+        self.trainer_id, self.role, self.sync = trainer_id, role, sync
+        self.timeout, self.recovery = timeout, recovery
+        self.coordinator_name = coordinator_name
         self.storage = config.storage()
         self.last_saved_step = -1
-        if trainer.standalone:
-            shard = trainer.client.shard
-
-            def save(_pserver: int, serial: int, base: int) -> Part | None:
-                delta_of = base if base >= 0 else None
-                if not config.background:
-                    return persist.save_shard(shard, self.storage, serial, delta_of)
-                persist.save_shard_background(
-                    shard, self.storage, serial,
-                    lambda part, err: self.coord.report_part(0, serial, part, err), delta_of,
-                    config.background_duty, config.background_priority)
-                return None
-
-            self.coord: Coordinator | CoordinatorClient = Coordinator(
-                shard.config, config, persist.job_facts(shard), save, watch=False)
-            manifest = self.coord.restore_manifest
-            if manifest is not None:
-                persist.load_shard(shard, self.storage, manifest)
-            self.coord.join_pserver(0, "in-process")
-            self.coord.ready(0, self.coord.restore_serial)
-        else:
-            self.coord = CoordinatorClient(trainer.job)
-        self.timeout = trainer.job.rpc.checkpoint_timeout_s
         self.incarnation = uuid.uuid4().hex
         self.heartbeat: Heartbeat | None = None
 
@@ -73,55 +74,50 @@ class Checkpointer:
         self.coord.close()
 
     def _start_heartbeat(self) -> None:
-        t, client = self.t, self.t.client
-        if t.standalone or self.heartbeat is not None:
+        if self.recovery is None or self.heartbeat is not None:
             return
+        client, counters = self.client, self.counters
         self.heartbeat = Heartbeat(
-            self.coord, "trainer", t.trainer_id, self.incarnation, t.job.recovery,
-            lambda: (client.generation, t.global_step, False),
+            self.coord, "trainer", self.trainer_id, self.incarnation, self.recovery,
+            lambda: (client.generation, counters.global_step, False),
             lambda reason: client.fence(FailedPrecondition(reason)),
-            lambda message: client.fence(JobFailed(message)),
-            f"the coordinator (pserver[0] at {t.job.pservers[0]})").start()
+            lambda message: client.fence(JobFailed(message)), self.coordinator_name).start()
 
     def _join(self) -> int:
         """Join the job's current generation, waiting with backoff while it recovers."""
-        t = self.t
-        if t.standalone:
-            return self.coord.join_trainer(t.trainer_id, self.timeout)
-        limit = t.job.recovery.rejoin_timeout_s
-        deadline, delay = time.monotonic() + limit, 0.1
-        t.client.set_generation(0)
-        while True:
-            try:
-                serial = self.coord.join_trainer(t.trainer_id, self.timeout, self.incarnation)
-                t.client.set_generation(self.coord.generation)
-                t.export.set_generation(self.coord.generation)
-                return serial
-            except (Unavailable, DeadlineExceeded) as e:
-                if time.monotonic() > deadline:
-                    raise JobFailed(f"{t.role} could not join the job within {limit:.0f}s "
-                                    f"(recovery.rejoin_timeout_s): {e}") from None
-                log.info("%s: the job is not running yet (%s); trying again", t.role, e)
-                time.sleep(delay)
-                delay = min(2.0, delay * 2)
+        if self.recovery is None:
+            return self.coord.join_trainer(self.trainer_id, self.timeout)
+        limit = self.recovery.rejoin_timeout_s
+        self.client.set_generation(0)
+        try:
+            serial = retry(
+                lambda: self.coord.join_trainer(self.trainer_id, self.timeout, self.incarnation),
+                seconds=limit, errors=(Unavailable, DeadlineExceeded),
+                on_retry=lambda e: log.info("%s: the job is not running yet (%s); trying "
+                                            "again", self.role, e))
+        except (Unavailable, DeadlineExceeded) as e:
+            raise JobFailed(f"{self.role} could not join the job within {limit:.0f}s "
+                            f"(recovery.rejoin_timeout_s): {e}") from None
+        self.client.set_generation(self.coord.generation)
+        self.export.set_generation(self.coord.generation)
+        return serial
 
     def restore(self) -> int:
         """Join the job; load this trainer's counters from the checkpoint it restores
         (or start its counters afresh). Returns the serial (-1: a fresh start)."""
-        t = self.t
         self._start_heartbeat()  # already while waiting to join: the wait can be long
         serial = self._join()
         if serial < 0:
-            t.reset_counters()
+            self.counters.load_counters(None)
             self.last_saved_step = -1
             return serial
-        epoch_id, step_id, state = reader.read_trainer(self.storage, serial, t.trainer_id)
-        t.reader.restore(state["reader"])
-        t.global_step = int(state["global_step"])
-        self.last_saved_step = t.global_step
-        t.export.restored(serial, t.global_step)
-        log.info("%s restored checkpoint_%d: epoch %d, step %d (global step %d)", t.role,
-                 serial, epoch_id, step_id, t.global_step)
+        epoch_id, step_id, state = reader.read_trainer(self.storage, serial, self.trainer_id)
+        self.counters.load_counters(state)
+        step = self.counters.global_step
+        self.last_saved_step = step
+        self.export.restored(serial, step)
+        log.info("%s restored checkpoint_%d: epoch %d, step %d (global step %d)", self.role,
+                 serial, epoch_id, step_id, step)
         return serial
 
     def after_step(self, epoch_id: int, step_id: int, last: bool = False) -> None:
@@ -134,36 +130,36 @@ class Checkpointer:
 
         A failed checkpoint is logged and training goes on: the next trigger tries again.
         """
-        t = self.t
-        if self.last_saved_step == t.global_step:
+        step = self.counters.global_step
+        if self.last_saved_step == step:
             return None
-        t.flush()  # the barrier comes after this trainer's push for the step is answered
+        self.counters.flush()  # the barrier comes after this trainer's push for the step
         started = time.perf_counter()
-        serial = self.coord.barrier(t.trainer_id, t.global_step, epoch_id, step_id, final,
+        serial = self.coord.barrier(self.trainer_id, step, epoch_id, step_id, final,
                                     self.timeout)
         if serial < 0:
             log.info("%s skipped the checkpoint at epoch %d step %d: the last one is still "
-                     "being written", t.role, epoch_id, step_id)
+                     "being written", self.role, epoch_id, step_id)
             return None
         part, error = None, None
         try:
-            dense = t.client.pull_dense(step=t.global_step if t.sync else 0) \
-                if t.trainer_id == 0 else None
-            state = {"reader": t.reader.state(), "global_step": t.global_step}
-            part = writer.write_trainer(self.storage, serial, t.trainer_id, epoch_id, step_id,
-                                        state, dense)
+            dense = self.client.pull_dense(step=step if self.sync else 0) \
+                if self.trainer_id == 0 else None
+            part = writer.write_trainer(self.storage, serial, self.trainer_id, epoch_id,
+                                        step_id, self.counters.counters(), dense)
         except Exception as e:  # noqa: BLE001 - e.g. a store's own errors: fails this one only
             error = f"{type(e).__name__}: {e}"
-            log.error("%s could not write its part of checkpoint_%d: %s", t.role, serial, error)
+            log.error("%s could not write its part of checkpoint_%d: %s", self.role, serial,
+                      error)
         try:
-            self.coord.commit(t.trainer_id, serial, part, error, self.timeout)
+            self.coord.commit(self.trainer_id, serial, part, error, self.timeout)
         except CheckpointFailed as e:
-            log.warning("%s: %s; training goes on", t.role, e)
+            log.warning("%s: %s; training goes on", self.role, e)
             return None
-        self.last_saved_step = t.global_step
-        t.export.checkpointed(serial, t.global_step, time.perf_counter() - started)
+        self.last_saved_step = step
+        self.export.checkpointed(serial, step, time.perf_counter() - started)
         what = "committed" if final or not self.config.background else \
             "copied; committing in the background"
-        log.info("%s checkpoint_%d %s at epoch %d step %d (%.2fs)", t.role, serial, what,
+        log.info("%s checkpoint_%d %s at epoch %d step %d (%.2fs)", self.role, serial, what,
                  epoch_id, step_id, time.perf_counter() - started)
         return serial

@@ -1,28 +1,23 @@
 """The trainer's sections of the job file: [trainer], [data], [model], [checkpoint].
 
-[trainer] and [data] are described by `TRAINER_KEYS` and `DATA_KEYS` (same
-`Key` schema as the pserver's sections); [model] by `trainer.models`;
-[checkpoint] by `ckpt`. Relative data paths are relative to the job file.
+[trainer] and [data] are `TrainerConfig` and `DataConfig`, [model]
+`trainer.models.ModelConfig`, [checkpoint] `ckpt.CheckpointConfig`: the same
+schema as the pserver's sections (`pserver.config.schema`). Relative data
+paths are relative to the job file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ckpt import CheckpointConfig
-from ckpt.config import KEYS as CHECKPOINT_KEYS
-from pserver.config import ConfigError, JobConfig, Key, parse_section
-from trainer.models import MODEL_SCHEMA, Model, build_model
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v!r}"
-
-
-def _fraction(v: Any) -> str | None:
-    return None if 0.0 <= v < 1.0 else f"must be in [0, 1), got {v!r}"
+from pserver.config import SECTIONS as JOB_SECTIONS
+from pserver.config import ConfigError, JobConfig
+from pserver.config.schema import describe_sections, fraction, parse, positive, setting
+from pserver.config.schema import validate as validate_keys
+from trainer.models import Model, ModelConfig, build_model
 
 
 def _progress(v: Any) -> str | None:
@@ -30,38 +25,55 @@ def _progress(v: Any) -> str | None:
     return None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
 
-TRAINER_KEYS = [
-    Key("epochs", int, 2, "epochs to train", _positive),
-    Key("batch_size", int, 512, "examples per step per trainer", _positive),
-    Key("eval_batch_size", int, 4096, "examples per step when evaluating", _positive),
-    Key("progress", str, "auto", "auto (a bar on a terminal, else log lines), bar, log or off",
-        _progress),
-    Key("log_every", int, 100, "steps between progress log lines (progress = log)", _positive),
-]
-DATA_KEYS = [
-    Key("train_path", str, None, "training data, Criteo text format (required)"),
-    Key("eval_path", str, "", "held-out data; empty: hold out data.holdout_fraction of "
-        "train_path"),
-    Key("holdout_fraction", float, 0.1, "share of train_path held out for evaluation when "
-        "eval_path is empty", _fraction),
-    Key("strict", bool, False, "fail on the first malformed line (file:line) instead of "
-        "skipping and counting malformed lines"),
-    Key("cache", bool, True, "keep parsed data in a .npz next to the file"),
-]
+@dataclass(frozen=True)
+class TrainerConfig:
+    """[trainer]: epochs, batch sizes, progress."""
+
+    SECTION: ClassVar[str] = "trainer"
+    epochs: int = setting(2, "epochs to train", positive)
+    batch_size: int = setting(512, "examples per step per trainer", positive)
+    eval_batch_size: int = setting(4096, "examples per step when evaluating", positive)
+    progress: str = setting("auto", "auto (a bar on a terminal, else log lines), bar, log or "
+                            "off", _progress)
+    log_every: int = setting(100, "steps between progress log lines (progress = log)",
+                             positive)
+
+    def __post_init__(self) -> None:
+        validate_keys(self, self.SECTION)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: where the examples are."""
+
+    SECTION: ClassVar[str] = "data"
+    train_path: str = setting(doc="training data, Criteo text format (required)")
+    eval_path: str = setting("", "held-out data; empty: hold out data.holdout_fraction of "
+                             "train_path")
+    holdout_fraction: float = setting(0.1, "share of train_path held out for evaluation when "
+                                      "eval_path is empty", fraction)
+    strict: bool = setting(False, "fail on the first malformed line (file:line) instead of "
+                           "skipping and counting malformed lines")
+    cache: bool = setting(True, "keep parsed data in a .npz next to the file")
+
+    def __post_init__(self) -> None:
+        validate_keys(self, self.SECTION)
+
+
+# Every section of a job file, in the order --help and the README show them.
+SECTIONS: list[tuple[str, type]] = [*JOB_SECTIONS, ("trainer", TrainerConfig),
+                                    ("data", DataConfig), ("model", ModelConfig),
+                                    ("checkpoint", CheckpointConfig)]
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    epochs: int
-    batch_size: int
-    eval_batch_size: int
-    progress: str
-    log_every: int
+    """A trainer's sections of a job, checked, with the data paths resolved."""
+
+    trainer: TrainerConfig
+    data: DataConfig
     train_path: Path
     eval_path: Path | None
-    holdout_fraction: float
-    strict: bool
-    cache: bool
     model_section: dict
     checkpoint: CheckpointConfig | None
 
@@ -69,30 +81,21 @@ class TrainerSettings:
 def settings(job: JobConfig) -> TrainerSettings:
     """Validate the trainer's sections of a job; ConfigError names the key."""
     sec = job.sections
-    t = parse_section("trainer", TRAINER_KEYS, sec.get("trainer", {}))
-    d = parse_section("data", DATA_KEYS, sec.get("data", {}))
+    t = parse("trainer", TrainerConfig, sec.get("trainer", {}))
+    d = parse("data", DataConfig, sec.get("data", {}))
     base = Path(job.source).parent if job.source not in ("<defaults>", "<dict>") else Path(".")
-    train = base / d["train_path"]
-    eval_path = base / d["eval_path"] if d["eval_path"] else None
+    train = base / d.train_path
+    eval_path = base / d.eval_path if d.eval_path else None
     for key, path in (("data.train_path", train), ("data.eval_path", eval_path)):
         if path is not None and not path.is_file():
             raise ConfigError(key, f"no such file: {path}")
-    ckpt = job.checkpoint
-    return TrainerSettings(epochs=t["epochs"], batch_size=t["batch_size"],
-                           eval_batch_size=t["eval_batch_size"], progress=t["progress"],
-                           log_every=t["log_every"], train_path=train, eval_path=eval_path,
-                           holdout_fraction=d["holdout_fraction"], strict=d["strict"],
-                           cache=d["cache"], model_section=dict(sec.get("model", {})),
-                           checkpoint=ckpt)
+    return TrainerSettings(trainer=t, data=d, train_path=train, eval_path=eval_path,
+                           model_section=dict(sec.get("model", {})), checkpoint=job.checkpoint)
 
 
 def model_for(job: JobConfig, model_section: dict) -> Model:
     """Build the model and check the job's tables and dense variables fit it."""
-    try:
-        model = build_model(model_section)
-    except ValueError as e:
-        key, _, problem = str(e).partition(": ")
-        raise ConfigError(key, problem) from None
+    model = build_model(model_section)
     kind = model_section.get("kind", "deepfm")
     for name, dim in model.tables().items():
         spec = job.table(name)
@@ -125,16 +128,5 @@ def job_sections_for(model: Model, table_opts: dict | None = None,
 
 
 def describe() -> str:
-    lines = []
-    for section, schema in (("trainer", TRAINER_KEYS), ("data", DATA_KEYS)):
-        lines.append(f"[{section}]")
-        for k in schema:
-            default = "required" if k.default is None else repr(k.default)
-            lines.append(f"  {k.name} ({k.type.__name__}, default {default}): {k.doc}")
-    lines.append("[model]")
-    for mk in MODEL_SCHEMA:
-        lines.append(f"  {mk.name} ({mk.type.__name__}, default {mk.default!r}): {mk.doc}")
-    lines.append("[checkpoint]")
-    for name, (typ, default, doc) in CHECKPOINT_KEYS.items():
-        lines.append(f"  {name} ({typ.__name__}, default {default!r}): {doc}")
-    return "\n".join(lines)
+    """Every key of a job file (the trainer reads them all), for --help."""
+    return describe_sections(SECTIONS)

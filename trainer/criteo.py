@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pserver.sharding import splitmix64
+from pserver.tables.sharding import splitmix64
 
 NUM_NUMERIC = 13
 NUM_CATEGORICAL = 26

@@ -43,7 +43,6 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,6 @@ __all__ = [
     "NUM_COLUMNS",
     "NUM_NUMERIC",
     "SLOT_SALT",
-    "Batch",
     "DataError",
     "Dataset",
     "ParseResult",
@@ -88,18 +86,6 @@ __all__ = [
 
 _CACHE_VERSION = 1
 _STATE_FIELDS = ("seed", "trainer_id", "num_trainers", "batch_size", "num_examples")
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch: labels (B,) float32, numeric (B, 13) float32, ids (B, 26) uint64."""
-
-    labels: np.ndarray
-    numeric: np.ndarray
-    ids: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 def _cache_file(path: Path, cache: bool | str | os.PathLike[str]) -> Path:
@@ -280,18 +266,18 @@ class TrainerReader:
             raise ValueError(f"TrainerReader: epoch must be an int >= 0, got {epoch!r}")
         self.epoch, self.position, self._order = int(epoch), 0, None
 
-    def next_batch(self) -> Batch | None:
-        """The next batch of the current epoch, or None once the epoch is over."""
+    def next_batch(self) -> Dataset | None:
+        """The next batch of the current epoch (its examples, copied), or None once the
+        epoch is over."""
         if self.position >= self.steps_per_epoch:
             return None
         if self._order is None:
             self._order = self.epoch_order(self.epoch)
         rows = self._order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
         self.position += 1
-        d = self.dataset
-        return Batch(d.labels[rows], d.numeric[rows], d.ids[rows])
+        return self.dataset.take(rows)
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Dataset]:
         """The remaining batches of the current epoch."""
         while (batch := self.next_batch()) is not None:
             yield batch

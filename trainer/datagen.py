@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from pserver.sharding import splitmix64
+from pserver.tables.sharding import splitmix64
 from trainer.metrics import auc, logloss
 
 NUM_NUMERIC = 13

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pserver import config as pscfg
-from pserver.server import JOB_FAILED
+from pserver.errors import JOB_FAILED
+from trainer.demo import prepare
 from trainer.metrics_export import launch_overrides
 from trainer.plot import after_launch
 
@@ -197,8 +198,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         if args.config is None:
-            from trainer.demo import prepare
-
             workdir = Path(args.workdir or "runs/demo")
             config_path = prepare(workdir)
         else:

@@ -2,10 +2,10 @@
 
 A step pulls the rows of the batch's ids and the dense variables, runs the
 model's forward and backward pass, and pushes the gradients, all through a
-client: `PSClient` (distributed) or `LocalClient` (stand-alone), so the same
-code trains both ways. In sync mode the step number travels with every pull
-and push, and gradients are scaled by 1/T so that an update is the mean over
-the global batch.
+client (`pserver.rpc.api.Client`): `PSClient` (distributed) or `LocalClient`
+(stand-alone), so the same code trains both ways. In sync mode the step number
+travels with every pull and push, and gradients are scaled by 1/T so that an
+update is the mean over the global batch.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ import numpy as np
 
 from ckpt import CheckpointConfig
 from pserver import config as pscfg
-from pserver.client import PSClient
-from pserver.coordinator import CheckpointFailed
-from pserver.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from pserver.coord.local import standalone
+from pserver.errors import CheckpointFailed, DeadlineExceeded, FailedPrecondition, Unavailable
+from pserver.rpc.api import Client
+from pserver.rpc.client import PSClient
+from pserver.rpc.coord import CoordinatorClient
+from pserver.rpc.local import LocalClient
 from trainer import data as tdata
 from trainer.checkpointing import Checkpointer
 from trainer.config import TrainerSettings, model_for, settings
-from trainer.local import LocalClient
 from trainer.metrics import auc, logloss
 from trainer.metrics_export import TrainerExport
 from trainer.progress import Progress
@@ -98,9 +100,8 @@ class Trainer:
         self.sync = self.job.mode == "sync"
         self.global_step = 0
         self.train_data, self.eval_data = self._load_data()
-        self.reader = tdata.TrainerReader(self.train_data, trainer_id, t,
-                                          self.settings.batch_size, self.job.seed)
-        self.client: PSClient | LocalClient | None = None
+        self.reader = self._fresh_reader()
+        self.client: Client | None = None
         self.checkpointer: Checkpointer | None = None
         self.finished = False
         self.rollbacks = 0
@@ -109,34 +110,51 @@ class Trainer:
         self.export = TrainerExport(self.job, trainer_id)  # metrics and training curves
 
     def _load_data(self) -> tuple[tdata.Dataset, tdata.Dataset | None]:
-        s = self.settings
-        full = tdata.read_file(s.train_path, strict=s.strict, cache=s.cache)
+        s, d = self.settings, self.settings.data
+        full = tdata.read_file(s.train_path, strict=d.strict, cache=d.cache)
         if s.eval_path is not None:
-            return full, tdata.read_file(s.eval_path, strict=s.strict, cache=s.cache)
-        if s.holdout_fraction > 0:
-            return tdata.split_holdout(full, s.holdout_fraction, self.job.seed)
+            return full, tdata.read_file(s.eval_path, strict=d.strict, cache=d.cache)
+        if d.holdout_fraction > 0:
+            return tdata.split_holdout(full, d.holdout_fraction, self.job.seed)
         return full, None
 
-    def connect(self) -> PSClient | LocalClient:
+    def _fresh_reader(self) -> tdata.TrainerReader:
+        return tdata.TrainerReader(self.train_data, self.trainer_id, self.job.num_trainers,
+                                   self.settings.trainer.batch_size, self.job.seed)
+
+    def connect(self) -> Client:
         if self.client is None:
+            ckpt = self.checkpoint_config
             if self.standalone:
-                self.client = LocalClient(self.job)
+                local = self.client = LocalClient(self.job)
+                coord = standalone(local.shard, ckpt) if ckpt is not None else None
             else:
                 self.client = PSClient(self.job, self.trainer_id)
                 log.info("%s waiting for %d pservers: %s", self.role, self.job.num_pservers,
                          ", ".join(self.job.pservers))
                 self.client.wait_ready()
-            if self.checkpoint_config is not None:
-                self.checkpointer = Checkpointer(self, self.checkpoint_config)
+                coord = CoordinatorClient(self.job) if ckpt is not None else None
+            if coord is not None:
+                self.checkpointer = Checkpointer(
+                    ckpt, coord, self.client, self, self.export, trainer_id=self.trainer_id,
+                    role=self.role, sync=self.sync, timeout=self.job.rpc.checkpoint_timeout_s,
+                    recovery=None if self.standalone else self.job.recovery,
+                    coordinator_name=f"the coordinator (pserver[0] at {self.job.pservers[0]})")
                 self.checkpointer.restore()
         return self.client
 
-    def reset_counters(self) -> None:
-        """Back to the start of training (a rollback to before the first checkpoint)."""
-        self.reader = tdata.TrainerReader(self.train_data, self.trainer_id,
-                                          self.job.num_trainers, self.settings.batch_size,
-                                          self.job.seed)
-        self.global_step = 0
+    # ---- the counters a checkpoint saves (trainer.checkpointing.Counters) ---------------
+
+    def counters(self) -> dict:
+        return {"reader": self.reader.state(), "global_step": self.global_step}
+
+    def load_counters(self, state: dict | None) -> None:
+        if state is None:  # back to the start of training (a rollback before any checkpoint)
+            self.reader = self._fresh_reader()
+            self.global_step = 0
+            return
+        self.reader.restore(state["reader"])
+        self.global_step = int(state["global_step"])
 
     def close(self) -> None:
         self.export.close()
@@ -193,7 +211,7 @@ class Trainer:
         self.connect()
         s = self.global_step if self.sync else 0
         probs = []
-        bs = self.settings.eval_batch_size
+        bs = self.settings.trainer.eval_batch_size
         for lo in range(0, len(data), bs):
             batch = data.take(np.arange(lo, min(lo + bs, len(data))))
             _, _, rows, params = self._pull(batch, s)
@@ -207,7 +225,7 @@ class Trainer:
     def train(self, num_epochs: int | None = None,
               event_handler: Callable[[Event], None] | None = None) -> dict[str, float]:
         """Train `num_epochs` (default: trainer.epochs); returns the last epoch's metrics."""
-        epochs = self.settings.epochs if num_epochs is None else num_epochs
+        epochs = self.settings.trainer.epochs if num_epochs is None else num_epochs
         handler = event_handler or (lambda event: None)
         self.export.start()
         self.connect()
@@ -240,10 +258,10 @@ class Trainer:
     def _train(self, epochs: int, handler: Callable[[Event], None]) -> dict[str, float]:
         metrics: dict[str, float] = {}
         r = self.reader
-        progress = Progress(self.role, self.settings.progress, self.settings.log_every,
-                            r.steps_per_epoch, self.settings.batch_size)
+        t = self.settings.trainer
+        progress = Progress(self.role, t.progress, t.log_every, r.steps_per_epoch, t.batch_size)
         log.info("%s training %d epochs of %d steps (batch %d, %s mode, %d trainers)", self.role,
-                 epochs, r.steps_per_epoch, self.settings.batch_size, self.job.mode,
+                 epochs, r.steps_per_epoch, t.batch_size, self.job.mode,
                  self.job.num_trainers)
         for epoch in range(r.epoch, epochs):
             if epoch != r.epoch or r.position == 0:

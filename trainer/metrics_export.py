@@ -21,6 +21,7 @@ was writing. `python -m trainer plot RUN_DIR` draws it (trainer.plot).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pserver.config import JobConfig
-from pserver.exporter import SAVE_BUCKETS, Exporter
+from pserver.metrics.exporter import SAVE_BUCKETS, Exporter
 
 log = logging.getLogger(__name__)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -167,8 +168,6 @@ def _num(x: float) -> float | None:
 
 
 def _without_curves(config: JobConfig) -> JobConfig:
-    import dataclasses
-
     return dataclasses.replace(config, metrics=dataclasses.replace(config.metrics,
                                                                    curves_dir=""))
 

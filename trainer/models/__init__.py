@@ -6,37 +6,25 @@ and the dense variables, calls `forward_backward`, and pushes the gradients.
 
 - `base`: the `Model` interface, `Result`, the stable logloss.
 - `lr`: `LogisticRegression`.  `deepfm`: `DeepFM`.
-- `config`: `build_model` from the [model] section and its `MODEL_SCHEMA`.
+- `config`: `build_model` from the [model] section (`ModelConfig`).
 """
 
 from __future__ import annotations
 
 from trainer.models.base import Batch, Model, Result, logloss, sigmoid
-from trainer.models.config import (
-    KINDS,
-    MODEL_SCHEMA,
-    ModelConfigError,
-    ModelKey,
-    build_model,
-    describe_schema,
-    parse_model_section,
-)
+from trainer.models.config import KINDS, ModelConfig, build_model
 from trainer.models.deepfm import DeepFM
 from trainer.models.lr import LogisticRegression
 
 __all__ = [
     "KINDS",
-    "MODEL_SCHEMA",
     "Batch",
     "DeepFM",
     "LogisticRegression",
     "Model",
-    "ModelConfigError",
-    "ModelKey",
+    "ModelConfig",
     "Result",
     "build_model",
-    "describe_schema",
     "logloss",
-    "parse_model_section",
     "sigmoid",
 ]
