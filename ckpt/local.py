@@ -115,18 +115,10 @@ class LocalStorage(Storage):
         """Make files written with fsync=False durable. Writing many files first and
         syncing them together lets the kernel write them back while the next is written."""
         for rel in rels:
-            fd = os.open(self.path(rel), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(self.path(rel))
 
     def fsync_dir(self, rel: str) -> None:
-        fd = os.open(self.path(rel), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.path(rel))
 
     def read_array(self, rel: str, mmap: bool = False) -> np.ndarray:
         return np.load(self.path(rel), mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -270,3 +262,12 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or directory by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -12,9 +12,8 @@ import logging
 import sys
 
 from pserver import config as cfg
-from pserver.rpc import health
+from pserver.rpc import health, status
 from pserver.rpc.server import run
-from pserver.rpc.status import report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,43 +26,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--id", type=int, required=True, help="pserver id, 0..P-1")
-    p.add_argument("--config", help="job file (TOML); default: built-in defaults")
+    cfg.add_job_arguments(p)
     p.add_argument("--port", type=int, help="listen on this port instead of the job file's "
                    "(0: any free port, reported in the log and --ready-file)")
     p.add_argument("--bind", help="listen on this host instead of the address's host "
                    "(e.g. 0.0.0.0 in a container)")
     p.add_argument("--ready-file", help="write HOST:PORT here once serving")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one job-file key (repeatable)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return p.parse_args(argv)
-
-
-def status_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m pserver status",
-                                description="One line per process of a running job: pservers "
-                                "(health, generation, step, rows), trainers (from the "
-                                "coordinator's heartbeats), the job's generation and rollbacks, "
-                                "and the newest checkpoint. Exit 1 if any process does not "
-                                "answer.")
-    p.add_argument("--config", help="job file (TOML)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")
-    args = p.parse_args(argv)
-    try:
-        config = cfg.load(args.config, args.set)
-        text, all_ok = report(config, args.timeout)  # reads the TLS files and token
-    except cfg.ConfigError as e:
-        print(f"pserver status: config error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0 if all_ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "status":
-        return status_main(argv[1:])
+        return status.main(argv[1:])
     if argv and argv[0] == "health":
         return health.main(argv[1:])
     args = parse_args(argv)

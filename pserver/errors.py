@@ -27,6 +27,11 @@ class FailedPrecondition(PsrtError, RuntimeError):
     """Wrong step or generation: the request does not fit the server's state."""
 
 
+class MissingBase(FailedPrecondition):
+    """A pserver cannot write a delta of that checkpoint: it neither saved nor restored it
+    (a restarted pserver); the coordinator makes the next save full."""
+
+
 class CheckpointFailed(FailedPrecondition):
     """A checkpoint could not be committed; the message lists each failing process."""
 

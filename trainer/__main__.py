@@ -40,9 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--id", type=int, help="trainer id, 0..T-1 (distributed)")
     p.add_argument("--standalone", action="store_true",
                    help="train in this process with in-process tables")
-    p.add_argument("--config", help="job file (TOML)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one job-file key (repeatable)")
+    pscfg.add_job_arguments(p, "job file (TOML)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if args.standalone == (args.id is not None):

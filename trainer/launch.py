@@ -190,11 +190,10 @@ def _supervise(children: list[Child], trainers: list[Child], interrupted: thread
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="job file (TOML); default: the built-in demo job")
+    pscfg.add_job_arguments(p, "job file (TOML); default: the built-in demo job")
     p.add_argument("--workdir", default=None,
                    help="where ready files (and the demo's data and job file) go "
                    "(default: runs/demo for the demo, else next to the job file)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     try:
         if args.config is None:

@@ -19,6 +19,7 @@ from pserver.config.job import (
     RecoveryConfig,
     RpcConfig,
     TableSpec,
+    add_job_arguments,
     apply_override,
     build,
     describe,
@@ -30,5 +31,6 @@ from pserver.config.job import (
 __all__ = [
     "INITIALIZERS", "MODES", "OPTIMIZERS", "OTHER_SECTIONS", "SECTIONS", "ConfigError",
     "DenseSpec", "JobConfig", "MetricsConfig", "OptimizerSpec", "RecoveryConfig", "RpcConfig",
-    "TableSpec", "apply_override", "build", "describe", "env_overrides", "load", "name_seed",
+    "TableSpec", "add_job_arguments", "apply_override", "build", "describe", "env_overrides",
+    "load", "name_seed",
 ]

@@ -16,6 +16,7 @@ back to a plain string.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -377,6 +378,15 @@ def load(path: str | Path | None, overrides: Iterable[str] = (),
     return build(raw, source)
 
 
+
+
+def add_job_arguments(parser: argparse.ArgumentParser,
+                      config_help: str = "job file (TOML); default: built-in defaults") -> None:
+    """--config and --set, as every command that reads a job file takes them (`load`)."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one job-file key (repeatable; after PSRT_SECTION__KEY "
+                        "environment variables)")
 
 
 def describe() -> str:

@@ -32,6 +32,7 @@ from pserver.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     JobFailed,
+    MissingBase,
     Unavailable,
 )
 from pserver.metrics.hooks import NULL
@@ -69,6 +70,7 @@ class Coordinator:
         self._outcome: dict[int, str | None] = {}  # serial -> None (committed) or the error
         self.background = ckpt.background
         self._staged: set[int] = set()  # pservers whose shard is copied (or written)
+        self._missing_base = False  # set while a delta fails for a pserver lacking its base
         self._skipped: set[tuple] = set()  # trigger points skipped while a save was in flight
         self._abandoned: set[int] = set()  # serials given up by a rollback
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
@@ -240,6 +242,7 @@ class Coordinator:
         base = self._base = self.ckpt.next_base(*self._committed)
         self._serial, self._parts, self._failures = serial, {}, []
         self._staged = set()
+        self._missing_base = False  # a pserver cannot write this delta: the next is full
         self._final = any(p[-1] for p in self._round.values())
         self.storage.makedirs(f"checkpoint_{serial}")
         point = next(iter(self._round.values()))
@@ -255,6 +258,10 @@ class Coordinator:
         except Exception as e:  # noqa: BLE001 - reported to every trainer
             log.exception("coordinator: pserver[%d] failed to save checkpoint_%d", pserver_id,
                           serial)
+            if isinstance(e, MissingBase):
+                with self._cond:
+                    if serial == self._serial:
+                        self._missing_base = True
             self._mark_staged(pserver_id, serial)
             self._add_part(serial, None, f"pserver[{pserver_id}]: {e}")
             return
@@ -324,7 +331,7 @@ class Coordinator:
                 return
             if outcome is None:  # the base of the next delta
                 self._committed = (serial, self._committed[1] + 1 if base >= 0 else 0)
-            elif "cannot write a delta" in outcome:  # a pserver lacks the base: go full
+            elif self._missing_base:  # a pserver lacks the base: the next save is full
                 self._committed = (self._committed[0], self.ckpt.full_every)
             self._outcome[serial] = outcome
             self._serial, self._round = None, {}

@@ -34,10 +34,9 @@ def check(address: str, timeout: float, rpc: RpcConfig | None = None) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver health", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="job file (TOML)")
+    cfg.add_job_arguments(p, "job file (TOML)")
     p.add_argument("--id", type=int, required=True, help="pserver id, 0..P-1")
     p.add_argument("--address", help="HOST:PORT to ask instead of job.pservers[ID]")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
     args = p.parse_args(argv)
     try:

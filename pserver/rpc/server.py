@@ -20,7 +20,7 @@ from pserver.config import ConfigError, JobConfig
 from pserver.coord.coordinator import Coordinator
 from pserver.coord.local import shard_saver
 from pserver.coord.member import PserverMember
-from pserver.errors import JOB_FAILED
+from pserver.errors import JOB_FAILED, MissingBase
 from pserver.metrics import server_metrics as pmetrics
 from pserver.metrics.hooks import NULL
 from pserver.rpc import malloc
@@ -178,6 +178,8 @@ def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
             except grpc.RpcError as e:
                 raise from_rpc_error(e, f"SaveShard on pserver[{pserver_id}] at {address}") \
                     from None
+        if resp.missing_base:
+            raise MissingBase(resp.missing_base)
         return Part.from_json(resp.part) if resp.part else None
 
     try:

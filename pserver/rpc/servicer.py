@@ -17,6 +17,7 @@ from ckpt.manifest import Part
 from pserver.errors import (
     FailedPrecondition,
     InvalidArgument,
+    MissingBase,
     PsrtError,
     ResourceExhausted,
     Unavailable,
@@ -141,11 +142,14 @@ class Servicer:
             raise FailedPrecondition("SaveShard: the job has no [checkpoint] section")
         storage = ck.storage()
         base = req.base if req.delta else None
-        if req.background:
-            persist.save_shard_background(self.shard, storage, req.serial,
-                                          self._reporter(req.serial), base)
-            return pb.SaveShardResponse(part="")
-        part = persist.save_shard(self.shard, storage, req.serial, base)
+        try:
+            if req.background:
+                persist.save_shard_background(self.shard, storage, req.serial,
+                                              self._reporter(req.serial), base)
+                return pb.SaveShardResponse(part="")
+            part = persist.save_shard(self.shard, storage, req.serial, base)
+        except MissingBase as e:  # an answer, not a failure: the next save is full
+            return pb.SaveShardResponse(missing_base=str(e))
         return pb.SaveShardResponse(part=part.to_json())
 
     def _reporter(self, serial: int) -> Any:

@@ -10,12 +10,15 @@ checkpoint of the job's `checkpoint_dir` is shown with its age.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ckpt import reader
+from pserver import config as cfg
 from pserver.config import JobConfig, RpcConfig
 from pserver.errors import PsrtError
 from pserver.rpc.coord import CoordinatorClient
@@ -112,3 +115,25 @@ def _trainer_lines(config: JobConfig, members: dict, lines: list[str]) -> bool:
     lines.append(f"job: generation {members['generation']}, {run}, {members['rollbacks']} "
                  f"rollbacks{lost}{fatal}")
     return ok and not members["fatal"]
+
+
+def main(argv: list[str]) -> int:
+    """`python -m pserver status`: exit 0 if every process answers, 1 if one does not,
+    2 on a configuration error."""
+    p = argparse.ArgumentParser(prog="python -m pserver status",
+                                description="One line per process of a running job: pservers "
+                                "(health, generation, step, rows), trainers (from the "
+                                "coordinator's heartbeats), the job's generation and rollbacks, "
+                                "and the newest checkpoint. Exit 1 if any process does not "
+                                "answer.")
+    cfg.add_job_arguments(p, "job file (TOML)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds per pserver")
+    args = p.parse_args(argv)
+    try:
+        config = cfg.load(args.config, args.set)
+        text, all_ok = report(config, args.timeout)  # reads the TLS files and token
+    except cfg.ConfigError as e:
+        print(f"pserver status: config error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if all_ok else 1

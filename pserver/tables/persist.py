@@ -32,7 +32,7 @@ from ckpt import reader, writer
 from ckpt.config import check_priority
 from ckpt.manifest import Manifest, Part
 from ckpt.storage import Storage
-from pserver.errors import FailedPrecondition
+from pserver.errors import FailedPrecondition, MissingBase
 from pserver.tables import optimizers
 from pserver.tables.shard import Shard
 from pserver.tables.sharding import owned_range, virtual_shard
@@ -123,12 +123,14 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
 def _begin(shard: Shard, serial: int, base: int | None, how: str,
            duty: float = 1.0) -> Staged:
     """Stage the shard under every lock; a table that cannot write the delta stages
-    nothing (FailedPrecondition)."""
+    nothing (MissingBase)."""
     locks = _locks(shard)
     for lock in locks:
         lock.acquire()
     try:
         return _stage(shard, serial, base, how, duty)
+    except MissingBase as e:
+        raise MissingBase(f"checkpoint_{serial}: {e}") from None
     except ValueError as e:
         raise FailedPrecondition(f"checkpoint_{serial}: {e}") from None
     finally:

@@ -24,6 +24,7 @@ import numpy as np
 import xxhash
 
 from pserver.config import TableSpec
+from pserver.errors import MissingBase
 from pserver.tables import initializers, optimizers
 from pserver.tables.dedup import sum_duplicates
 from pserver.tables.idindex import IdIndex
@@ -182,12 +183,12 @@ class SparseTable:
 
     def begin_save(self, serial: int, base: int | None) -> np.ndarray | None:
         """Mark checkpoint `serial` (hold `lock`): None for a full save, else the row numbers
-        changed since checkpoint `base` (created or updated), ascending. ValueError when this
+        changed since checkpoint `base` (created or updated), ascending. MissingBase when this
         table never saw `base` (it was neither saved nor restored here)."""
         rows = None
         if base is not None:
             if base not in self._marks:
-                raise ValueError(f"table {self.spec.name!r} cannot write a delta of "
+                raise MissingBase(f"table {self.spec.name!r} cannot write a delta of "
                                  f"checkpoint_{base}: this pserver did not save or restore it "
                                  f"(known: {sorted(self._marks)})")
             rows = np.flatnonzero(self.stamps[: self._size] > self._marks[base])

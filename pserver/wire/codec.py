@@ -192,20 +192,20 @@ def decode_push_request(buf: bytes) -> PushRequest:
                        _tensor(buf, f, 3), _int(f, 4, 32), _int(f, 5, 64))
 
 
-def _sub(buf: bytes, span: tuple[int, int]) -> tuple[memoryview, dict, int]:
+def _table_entry(buf: bytes, span: tuple[int, int], where: str
+                 ) -> tuple[str, np.ndarray, dict, int]:
+    """A TableIds or TableGrads in `buf` at `span`: (table, ids, its fields, its start)."""
     view = memoryview(buf)[span[0]:span[1]]
-    return view, scan(view), span[0]
+    sub, base = scan(view), span[0]
+    ids_span = _bytes_span(sub, 2)
+    return _string(view, sub, 1), _ids(buf, (base + ids_span[0], base + ids_span[1]), where), \
+        sub, base
 
 
 def decode_pull_batch(buf: bytes) -> tuple[list[tuple[str, np.ndarray]], list[str], int, int]:
     """PullBatchRequest: ([(table, ids)], dense names, trainer_id, step)."""
     f = scan(buf)
-    tables = []
-    for span in _spans(f, 1):
-        view, sub, base = _sub(buf, span)
-        ids_span = _bytes_span(sub, 2)
-        tables.append((_string(view, sub, 1),
-                       _ids(buf, (base + ids_span[0], base + ids_span[1]), "PullBatch")))
+    tables = [_table_entry(buf, span, "PullBatch")[:2] for span in _spans(f, 1)]
     dense = [_string(buf, {2: [s]}, 2) for s in _spans(f, 2)]
     return tables, dense, _int(f, 3, 32), _int(f, 4, 64)
 
@@ -216,12 +216,9 @@ def decode_push_batch(buf: bytes) -> tuple[list[tuple[str, np.ndarray, TensorVie
     f = scan(buf)
     tables = []
     for span in _spans(f, 1):
-        view, sub, base = _sub(buf, span)
-        ids_span = _bytes_span(sub, 2)
+        name, ids, sub, base = _table_entry(buf, span, "PushBatch")
         g_span = _last(sub, 3, _LEN, (0, 0))
-        tables.append((_string(view, sub, 1),
-                       _ids(buf, (base + ids_span[0], base + ids_span[1]), "PushBatch"),
-                       _tensor_at(buf, (base + g_span[0], base + g_span[1]))))
+        tables.append((name, ids, _tensor_at(buf, (base + g_span[0], base + g_span[1]))))
     dense = [_string(buf, {2: [s]}, 2) for s in _spans(f, 2)]
     grads = [_tensor_at(buf, s) for s in _spans(f, 3)]
     return tables, dense, grads, _int(f, 4, 32), _int(f, 5, 64)

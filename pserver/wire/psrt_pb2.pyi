@@ -205,10 +205,12 @@ class SaveShardRequest(_message.Message):
     def __init__(self, serial: _Optional[int] = ..., background: _Optional[bool] = ..., delta: _Optional[bool] = ..., base: _Optional[int] = ...) -> None: ...
 
 class SaveShardResponse(_message.Message):
-    __slots__ = ("part",)
+    __slots__ = ("part", "missing_base")
     PART_FIELD_NUMBER: _ClassVar[int]
+    MISSING_BASE_FIELD_NUMBER: _ClassVar[int]
     part: str
-    def __init__(self, part: _Optional[str] = ...) -> None: ...
+    missing_base: str
+    def __init__(self, part: _Optional[str] = ..., missing_base: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("role", "id", "address", "incarnation", "generation")
