@@ -2,7 +2,7 @@
 
     python benchmarks/table_memory.py [--rows N] [--batch B]
 
-Fills ONE `pserver.table.SparseTable` (dim 64, Adagrad) in this process to
+Fills ONE `pserver.tables.sparse.SparseTable` (dim 64, Adagrad) in this process to
 `--rows` rows (default 10,000,000) through its public `pull`, `--batch` new
 ids per call, ids spread over 64 bits (``arange * odd constant``). Then it
 reports the process RSS (VmRSS after a gc.collect()) against the payload

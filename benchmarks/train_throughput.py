@@ -354,13 +354,13 @@ def _func(frame: str) -> str:
 
 # (category, every one of these substrings must be in the stack); first match wins
 TRAINER_RULES = [
-    ("pull: dedup ids", ["Trainer._pull", "pserver/dedup.py"]),
+    ("pull: dedup ids", ["Trainer._pull", "pserver/tables/dedup.py"]),
     ("pull: split ids by pserver", ["Trainer._pull", "PSClient._split"]),
     ("pull: encode requests", ["Trainer._pull", "encode_pull_request"]),
     ("pull: wait for answers (RPC + pserver)", ["Trainer._pull", "PSClient._result"]),
     ("pull: decode rows", ["Trainer._pull", "PSClient._rows"]),
     ("pull: decode dense", ["Trainer._pull", "decode_tensor"]),
-    ("pull: put rows in request order", ["Trainer._pull", "finish (pserver/client.py"]),
+    ("pull: put rows in request order", ["Trainer._pull", "finish (pserver/rpc/client.py"]),
     ("pull: start gRPC's channel spin thread", ["Trainer._pull", "_run_channel_spin_thread"]),
     ("pull: issue calls (gRPC future)", ["Trainer._pull", "PSClient._call"]),
     ("pull: other (slot ids, reshape)", ["Trainer._pull"]),
@@ -379,23 +379,23 @@ TRAINER_RULES = [
 PSERVER_RULES = [
     ("Pull: wait at the sync gate", ["Servicer.Pull", "StepGate.wait_for"]),
     ("Pull: grow table arrays", ["Servicer.Pull", "SparseTable._alloc"]),
-    ("Pull: create rows (initializer)", ["Servicer.Pull", "pserver/initializers.py"]),
-    ("Pull: id index", ["Servicer.Pull", "pserver/idindex.py"]),
+    ("Pull: create rows (initializer)", ["Servicer.Pull", "pserver/tables/initializers.py"]),
+    ("Pull: id index", ["Servicer.Pull", "pserver/tables/idindex.py"]),
     ("Pull: gather rows", ["Servicer.Pull", "SparseTable.pull"]),
     ("Pull: check owner", ["Servicer.Pull", "check_owner"]),
-    ("Pull: decode/encode", ["Servicer.Pull", "pserver/codec.py"]),
+    ("Pull: decode/encode", ["Servicer.Pull", "pserver/wire/codec.py"]),
     ("Pull: other", ["Servicer.Pull"]),
     ("Push: wait at the sync gate", ["Servicer.Push", "StepGate.wait_for"]),
     ("Push: check finite", ["Servicer.Push", "check_finite"]),
     ("Push: check owner", ["Servicer.Push", "check_owner"]),
     ("Push: sum duplicates", ["Servicer.Push", "sum_duplicates"]),
-    ("Push: optimizer", ["Servicer.Push", "pserver/optimizers.py"]),
-    ("Push: id index", ["Servicer.Push", "pserver/idindex.py"]),
+    ("Push: optimizer", ["Servicer.Push", "pserver/tables/optimizers.py"]),
+    ("Push: id index", ["Servicer.Push", "pserver/tables/idindex.py"]),
     ("Push: gather/scatter rows, concat", ["Servicer.Push", "pserver/"]),
     ("Push: other", ["Servicer.Push"]),
     ("PullDense", ["Servicer.PullDense"]),
     ("PushDense", ["Servicer.PushDense"]),
-    ("other handler", ["pserver/servicer.py"]),
+    ("other handler", ["pserver/rpc/servicer.py"]),
 ]
 
 
@@ -409,7 +409,7 @@ def table_lock_leaves() -> dict[str, str]:
         src, start = inspect.getsourcelines(fn)
         for i, line in enumerate(src):
             if "with self.lock" in line:
-                out[f"{fn.__qualname__} (pserver/table.py:{start + i})"] = \
+                out[f"{fn.__qualname__} (pserver/tables/sparse.py:{start + i})"] = \
                     f"{what}: wait for the table lock (another call holds it)"
     return out
 
@@ -473,7 +473,7 @@ def profile_step(trainer: Proc, pserver: Proc, seconds: float, cwd: Path, epoch:
         "steps_sampled": round(steps, 1),
         "trainer": breakdown(read_raw(outs["trainer"]), TRAINER_RULES, "Trainer.train", 200,
                              steps),
-        "pserver": breakdown(read_raw(outs["pserver"]), PSERVER_RULES, "pserver/servicer.py",
+        "pserver": breakdown(read_raw(outs["pserver"]), PSERVER_RULES, "pserver/rpc/servicer.py",
                              200, steps, table_lock_leaves()),
     }
 

@@ -24,7 +24,7 @@ A file is parsed once (`read_file`, `trainer.criteo`) into arrays:
 
       ids[:, s] = splitmix64(v ^ ((s + 1) * 0x9E3779B97F4A7C15))
 
-  with `pserver.sharding.splitmix64`: ids use the whole 64-bit range, one
+  with `pserver.tables.sharding.splitmix64`: ids use the whole 64-bit range, one
   value in two slots gives two ids, and each slot has its own "missing" id.
 
 `TrainerReader` gives trainer j of T the contiguous rows

@@ -3,7 +3,7 @@
 `TrainerExport` is what the training loop calls, once per event: `step`,
 `evaluated`, `checkpointed`, `restored`, `recovered`. It keeps the trainer's
 gauges and counters (served over HTTP when `metrics.port` is not -1, see
-`pserver.metrics`) and, when `metrics.curves_dir` is set, appends one JSON line
+`pserver.metrics.server_metrics`) and, when `metrics.curves_dir` is set, appends one JSON line
 per event to CURVES_DIR/trainer_J.jsonl:
 
     {"kind": "start", "t": ..., "step": 0, "pid": 123}

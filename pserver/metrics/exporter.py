@@ -5,7 +5,7 @@ process) served over HTTP when the job file's `metrics.port` is not -1: pserver 
 on `port + i`, trainer j on `port + P + j`, or a free port when `port` is 0. The
 bound HOST:PORT is logged and, with `metrics.targets_dir`, written there as a
 Prometheus file_sd target. Every series carries `psrt_job` (job.name), `role` and
-`id` labels. `pserver.metrics` (a pserver's metrics) and `trainer.metrics_export`
+`id` labels. `pserver.metrics.server_metrics` (a pserver's metrics) and `trainer.metrics_export`
 (a trainer's) build on `Exporter`.
 """
 

@@ -13,7 +13,7 @@ Nothing is cleared when a save is taken: a save that fails or is never
 committed leaves the next delta (against the last committed base) complete.
 
 A background save reads the rows out of the live table while pushes go on
-(`pserver.snapshot`).
+(`pserver.tables.snapshot`).
 """
 
 from __future__ import annotations
