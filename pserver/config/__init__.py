@@ -1,8 +1,11 @@
 """The job file: one schema (`schema`) and the sections every process reads (`job`).
 
-`load(path, overrides)` reads a job file with its `PSRT_*` and `--set`
-overrides into a validated `JobConfig`; `build(dict)` does the same from a
-parsed document; `describe()` lists every key for `--help`.
+- `schema`: a key is a dataclass field with its default, meaning and check; one parser,
+  one validation, one `describe` (`--help`, the README's key tables).
+- `job`: the sections every process reads, as those dataclasses; `build(dict)` checks a
+  parsed document into a `JobConfig`; `describe()` lists every key for `--help`.
+- `load`: `load(path, overrides)` reads a job file with its `PSRT_*` and `--set`
+  overrides; `add_job_arguments` gives a command its --config and --set.
 """
 
 from ckpt.config import ConfigError
@@ -19,14 +22,11 @@ from pserver.config.job import (
     RecoveryConfig,
     RpcConfig,
     TableSpec,
-    add_job_arguments,
-    apply_override,
     build,
     describe,
-    env_overrides,
-    load,
     name_seed,
 )
+from pserver.config.load import add_job_arguments, apply_override, env_overrides, load
 
 __all__ = [
     "INITIALIZERS", "MODES", "OPTIMIZERS", "OTHER_SECTIONS", "SECTIONS", "ConfigError",

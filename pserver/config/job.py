@@ -8,22 +8,15 @@ sections ([trainer], [data], [model]) are kept as raw dicts in
 of the dataclasses below; `describe()` prints them for `--help` and the
 README's tables are made from the same fields.
 
-Overrides, applied in this order over the file: `PSRT_<SECTION>__<KEY>`
-environment variables (`PSRT_JOB__MODE=async`, `PSRT_TABLES__EMB__DIM=32`),
-then `--set section.key=value` flags. Values are read as TOML values, falling
-back to a plain string.
+A job file is read, with its overrides, by `pserver.config.load`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from ckpt import CheckpointConfig
@@ -38,11 +31,6 @@ from pserver.config.schema import (
     setting,
     validate,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 MODES = ("sync", "async")
 INITIALIZERS = ("zeros", "constant", "uniform", "normal", "glorot_uniform")
@@ -324,69 +312,6 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
                                sections={k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw},
                                checkpoint=None if ckpt is None else
                                parse("checkpoint", CheckpointConfig, ckpt))
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(dotted, "an override names SECTION.KEY or SECTION.NAME.KEY")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(dotted, f"{p!r} is not a section")
-    node[parts[-1]] = value
-
-
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any]]:
-    out = []
-    for name, text in sorted(environ.items()):
-        if name.startswith("PSRT_") and "__" in name:
-            dotted = ".".join(p.lower() for p in name[len("PSRT_"):].split("__"))
-            out.append((dotted, _parse_value(text)))
-    return out
-
-
-def load(path: str | Path | None, overrides: Iterable[str] = (),
-         environ: Mapping[str, str] | None = None) -> JobConfig:
-    """Read a job file (or none: defaults), apply env and `--set` overrides, validate."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError("--config", f"no such file: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-    for dotted, value in env_overrides(os.environ if environ is None else environ):
-        apply_override(raw, dotted, value)
-    for item in overrides:
-        dotted, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(item, "--set takes SECTION.KEY=VALUE")
-        apply_override(raw, dotted.strip(), _parse_value(text.strip()))
-    return build(raw, source)
-
-
-
-
-def add_job_arguments(parser: argparse.ArgumentParser,
-                      config_help: str = "job file (TOML); default: built-in defaults") -> None:
-    """--config and --set, as every command that reads a job file takes them (`load`)."""
-    parser.add_argument("--config", help=config_help)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one job-file key (repeatable; after PSRT_SECTION__KEY "
-                        "environment variables)")
 
 
 def describe() -> str:
