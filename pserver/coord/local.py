@@ -24,10 +24,10 @@ Report = Callable[[int, Part | None, str | None], None]
 
 
 def shard_saver(shard: Callable[[], Shard], ckpt: CheckpointConfig,
-                report: Callable[[], Report]) -> Callable[[int, int], Part | None]:
+                report: Report) -> Callable[[int, int], Part | None]:
     """(serial, base) -> the part of the shard serving now, `shard()` (a rollback replaces
     it), written into checkpoint `serial` (a delta of checkpoint `base` if base >= 0).
-    A background save returns None at once and calls `report()(serial, part, error)` once
+    A background save returns None at once and calls `report(serial, part, error)` once
     the part is written."""
     storage = ckpt.storage()
 
@@ -36,7 +36,7 @@ def shard_saver(shard: Callable[[], Shard], ckpt: CheckpointConfig,
         if not ckpt.background:
             return persist.save_shard(current, storage, serial, delta_of)
         persist.save_shard_background(
-            current, storage, serial, lambda part, err: report()(serial, part, err), delta_of,
+            current, storage, serial, lambda part, err: report(serial, part, err), delta_of,
             ckpt.background_duty, ckpt.background_priority)
         return None
 
@@ -46,12 +46,8 @@ def shard_saver(shard: Callable[[], Shard], ckpt: CheckpointConfig,
 def standalone(shard: Shard, ckpt: CheckpointConfig) -> Coordinator:
     """The stand-alone trainer's coordinator: its one pserver is `shard`, in this process,
     restored from the checkpoint the coordinator picks and ready; trainer 0 joins next."""
-    coord: Coordinator | None = None
-
-    def report() -> Report:
-        return lambda serial, part, err: coord.report_part(0, serial, part, err)
-
-    save = shard_saver(lambda: shard, ckpt, report)
+    save = shard_saver(lambda: shard, ckpt,
+                       lambda serial, part, err: coord.report_part(0, serial, part, err))
     coord = Coordinator(shard.config, ckpt, persist.job_facts(shard),
                         lambda _pserver, serial, base: save(serial, base), watch=False)
     if coord.restore_manifest is not None:

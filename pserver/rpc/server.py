@@ -160,9 +160,8 @@ def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
     """The coordinator, saving this pserver's shard in-process (the one serving at the time
     of the save: a rollback replaces it) and the others' over gRPC."""
     ckpt = config.checkpoint
-    coordinator: Coordinator | None = None
     local = shard_saver(lambda: servicer.shard, ckpt,
-                        lambda: lambda serial, part, err: coordinator.report_part(
+                        lambda serial, part, err: coordinator.report_part(
                             servicer.shard.pserver_id, serial, part, err))
 
     def save_shard(pserver_id: int, serial: int, base: int) -> Part | None:
