@@ -1,6 +1,6 @@
 """`python -m pserver --id I --config job.toml [--port N]`: serve shard I of the job.
 
-`python -m pserver status --config job.toml`: one line per pserver of a running job.
+`python -m pserver status --config job.toml`: one line per process of a running job.
 
 `python -m pserver health --config job.toml --id I`: exit 0 when pserver I is SERVING.
 """

@@ -351,7 +351,7 @@ def generate(
 def main(argv: list[str] | None = None) -> int:
     """CLI: write the file(s), print the result (with the oracle AUC) as one JSON line."""
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.datagen",
+        prog="python -m trainer datagen",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -315,5 +315,6 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
 
 
 def describe() -> str:
-    """Every key of the sections read here, with type, default and meaning (for --help)."""
-    return describe_sections(SECTIONS)
+    """Every key of the sections a pserver reads, [checkpoint] too, with type, default and
+    meaning (for --help)."""
+    return describe_sections([*SECTIONS, ("checkpoint", CheckpointConfig)])
