@@ -1,65 +1,28 @@
-"""Shared fixtures: in-process pservers on port 0, and real pserver processes."""
+"""Fixtures tests of more than one tier use: in-process clusters, certificates made at run
+time, an S3 server in this process, a recorded stand-alone run.
+
+The tiers are the folders: tests/unit, tests/integration, tests/e2e (each folder's
+conftest.py marks its tests). Helpers to import are in tests/helpers.py and next to the
+tests that share them (tests/security.py, tests/s3.py, tests/metrics.py, tests/e2e/jobs.py).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
+import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from pserver import config as cfg
-from pserver.rpc.client import PSClient
-from pserver.rpc.server import Pserver, create_server
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def job(num_pservers: int = 1, mode: str = "sync", num_trainers: int = 1,
-        **sections: Any) -> cfg.JobConfig:
-    """A job config for tests; pservers on 127.0.0.1 port 0 until `start_pservers` binds them."""
-    raw: dict[str, Any] = {
-        "job": {"mode": mode, "num_trainers": num_trainers,
-                "pservers": ["127.0.0.1:0"] * num_pservers},
-        "tables": {"emb": {"dim": 8}},
-        "dense": {"w": {"shape": [4, 3]}, "b": {"shape": [3]}},
-    }
-    for k, v in sections.items():
-        raw[k] = v
-    return cfg.build(raw)
-
-
-class Cluster:
-    """In-process pservers on free ports and the bound config clients should use."""
-
-    def __init__(self, config: cfg.JobConfig) -> None:
-        first = create_server(config, 0, port=0)  # hosts the coordinator: the others join it
-        joined = dataclasses.replace(
-            config, pservers=(f"127.0.0.1:{first.port}", *config.pservers[1:]))
-        self.servers: list[Pserver] = [first] + [
-            create_server(joined, i, port=0) for i in range(1, config.num_pservers)
-        ]
-        addrs = tuple(f"127.0.0.1:{s.port}" for s in self.servers)
-        self.config = dataclasses.replace(config, pservers=addrs)
-        self.clients: list[PSClient] = []
-
-    def client(self, trainer_id: int = 0) -> PSClient:
-        c = PSClient(self.config, trainer_id)
-        c.wait_ready(10)
-        self.clients.append(c)
-        return c
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-        for s in self.servers:
-            s.stop(0)
+from tests.helpers import Cluster, generated_data
+from tests.s3 import options
+from tests.security import OTHER, TOKEN
+from trainer.demo import demo_job
+from trainer.loop import Trainer
 
 
 @pytest.fixture
@@ -76,53 +39,59 @@ def cluster_factory() -> Iterator[Any]:
         c.stop()
 
 
-def generated_data(factory: pytest.TempPathFactory, name: str, examples: int,
-                   seed: int) -> Path:
-    """A directory with train.txt and train.holdout.txt (10% held out) from the generator."""
-    from trainer.datagen import generate
-
-    d = factory.mktemp(name)
-    generate(d / "train.txt", examples, seed=seed, holdout_fraction=0.1,
-             holdout_path=d / "train.holdout.txt")
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ca.pem; server.{pem,key} for 127.0.0.1; client.{pem,key}; rogue.{pem,key} from another
+    CA (rogue-ca.pem); token and other.token."""
+    d = tmp_path_factory.mktemp("pki")
+    ca, rogue_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    rogue_ca.cert_pem.write_to_path(str(d / "rogue-ca.pem"))
+    for name, cert in [("server", ca.issue_cert("127.0.0.1", "localhost")),
+                       ("client", ca.issue_cert("trainer.psrt")),
+                       ("rogue", rogue_ca.issue_cert("127.0.0.1", "trainer.psrt"))]:
+        cert.cert_chain_pems[0].write_to_path(str(d / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(d / f"{name}.key"))
+    (d / "token").write_text(TOKEN + "\n")
+    (d / "other.token").write_text(OTHER)
     return d
 
 
-def python_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def wait_file(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    """Wait for a ready file a child process writes; fail early if the child died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"process exited with {proc.returncode} before ready: {out}")
-        time.sleep(0.02)
-    raise AssertionError(f"{path} not written within {timeout}s")
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """A real S3-protocol server (moto) on 127.0.0.1, on a free port."""
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    """Start `python -m ...` processes; kills whatever is left at the end."""
-    procs: list[subprocess.Popen] = []
+def bucket(endpoint: str) -> str:
+    """A fresh, empty bucket on the S3 server."""
+    s3fs = pytest.importorskip("s3fs")
+    name = f"psrt-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**options(endpoint)).mkdir(name)
+    return name
 
-    def start(*args: str, **kw: Any) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, *args], env=kw.pop("env", python_env()),
-                             cwd=kw.pop("cwd", tmp_path), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, **kw)
-        procs.append(p)
-        return p
 
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-        p.wait()
-        if p.stdout:
-            p.stdout.close()
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recorded stand-alone run: 1 epoch, checkpointed, then resumed for a 2nd epoch."""
+    data = generated_data(tmp_path_factory, "cdata", 1500, seed=4)
+    run = tmp_path_factory.mktemp("run")
+    raw = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
+                   {"kind": "lr", "use_numeric": True})
+    raw["trainer"].update(batch_size=128, progress="off")
+    raw["checkpoint"].update(checkpoint_dir=str(run / "ck"), step_interval=4)
+    raw["metrics"] = {"curves_dir": str(run / "curves")}
+    for epochs in (1, 2):
+        t = Trainer(cfg.build(raw), standalone=True)
+        try:
+            t.train(epochs)
+        finally:
+            t.close()
+    return run

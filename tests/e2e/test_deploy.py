@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.dockerstack import ROOT, Stack, build_image, docker_missing
+from tests.e2e.dockerstack import ROOT, Stack, build_image, docker_missing
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 IMAGE = "psrt:test"
 DEADLINE_S = 4.0

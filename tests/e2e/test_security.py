@@ -18,11 +18,25 @@ import pytest
 from pserver import config as cfg
 from pserver.rpc.client import PSClient
 from pserver.rpc.status import report
-from tests.conftest import ROOT, Cluster, job, python_env, wait_file
-from tests.security_fixtures import OTHER, TOKEN, client_with, data, job_file, pki, rpc
-from trainer.demo import dump_toml
+from tests.helpers import ROOT, Cluster, generated_data, job, python_env, wait_file
+from tests.security import OTHER, TOKEN, client_with, rpc
+from trainer.demo import demo_job, dump_toml
 
-__all__ = ["data", "pki"]  # fixtures
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generated_data(tmp_path_factory, "secure", 2000, seed=5)
+
+
+def job_file(path: Path, data: Path, pservers: int, trainers: int, **sections: Any) -> Path:
+    """A tiny training job (1 epoch of logistic regression) with checkpoints in path/../ckpt."""
+    doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), pservers, trainers,
+                   1, {"kind": "lr", "use_numeric": True})
+    doc["trainer"].update(batch_size=128, progress="log", log_every=5)
+    doc["checkpoint"].update(checkpoint_dir=str(path.parent / "ckpt"), step_interval=4)
+    doc.update(sections)
+    path.write_text(dump_toml(doc))
+    return path
 
 
 def test_pserver_cli_names_a_missing_certificate(pki: Path, tmp_path: Path) -> None:
@@ -57,7 +71,6 @@ def test_trainer_cli_names_a_missing_client_certificate(pki: Path, tmp_path: Pat
     assert f"trainer[0]: config error: rpc.tls_client_key: no such file: {tmp_path}" in r.stderr
 
 
-@pytest.mark.e2e
 def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
                                                      data: Path) -> None:
     path = job_file(tmp_path / "job.toml", data, 2, 2, rpc=rpc(pki, "mtls", token=False))
@@ -74,7 +87,6 @@ def test_a_job_runs_to_the_end_with_mtls_and_a_token(pki: Path, tmp_path: Path,
     assert TOKEN not in out and "refused" not in out
 
 
-@pytest.mark.e2e
 def test_a_trainer_with_a_wrong_token_fails_naming_it_and_changes_nothing(
         pki: Path, tmp_path: Path, data: Path, spawn: Any) -> None:
     keys = {**rpc(pki, "tls", token=False), "connect_timeout_s": 5.0}

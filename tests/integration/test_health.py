@@ -1,4 +1,5 @@
-"""`python -m pserver health`: the container healthcheck of deploy/ (exit 0 iff SERVING)."""
+"""`python -m pserver health` (in this process) against in-process pservers: the container
+healthcheck of deploy/ (exit 0 iff SERVING)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import pytest
 
 from pserver.__main__ import main
 from pserver.rpc.health import check
-from tests.conftest import Cluster, job
-from tests.security_fixtures import pki, rpc
-
-__all__ = ["pki"]  # a fixture
+from tests.helpers import Cluster, job
+from tests.security import rpc
 
 
 def test_health_is_0_while_serving_and_1_naming_the_pserver_once_it_is_gone(
@@ -28,17 +27,6 @@ def test_health_is_0_while_serving_and_1_naming_the_pserver_once_it_is_gone(
     out = capsys.readouterr().out
     assert out.startswith(f"pserver[0] at {cluster.config.pservers[0]}: SERVING")
     assert f"pserver[1] at {addr}: UNAVAILABLE" in out
-
-
-@pytest.mark.parametrize("args, expected", [
-    (["--id", "2"], "--id: pserver id 2 is out of range 0..0"),
-    (["--id", "0", "--set", "job.mode=lazy"], "job.mode"),
-])
-def test_health_config_errors_exit_2_naming_the_key(
-        args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["health", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pserver health: config error: ") and expected in err
 
 
 def test_health_speaks_the_jobs_tls_and_plaintext_gets_no_answer(

@@ -18,10 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pserver.config import SECTIONS
 from pserver.config.schema import keys
-from tests.conftest import generated_data, python_env, wait_file
+from tests.helpers import generated_data, python_env, wait_file
 from trainer.demo import demo_job, dump_toml
 
-pytestmark = pytest.mark.e2e
 TINY_MODEL = {"kind": "lr", "use_numeric": True}
 
 
@@ -30,7 +29,8 @@ def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
                           capture_output=True, timeout=timeout)
 
 
-def write_job(path: Path, **sections: Any) -> Path:
+def pserver_job(path: Path, **sections: Any) -> Path:
+    """A job file with one table for pservers alone (no data, no model)."""
     doc = {"job": {"pservers": ["127.0.0.1:0"]}, "tables": {"emb": {"dim": 4}}}
     doc.update(sections)
     path.write_text(dump_toml(doc))
@@ -56,7 +56,7 @@ def test_pserver_config_errors_exit_2_naming_the_key(tmp_path: Path, body: dict,
 
 
 def test_pserver_id_out_of_range_and_port_in_use(tmp_path: Path) -> None:
-    job = write_job(tmp_path / "job.toml")
+    job = pserver_job(tmp_path / "job.toml")
     r = run("-m", "pserver", "--id", "1", "--config", str(job), cwd=tmp_path)
     assert r.returncode == 2 and "--id: pserver id 1 is out of range 0..0" in r.stderr
     with socket.socket() as s:
@@ -78,7 +78,7 @@ def test_pserver_help_documents_every_key(tmp_path: Path) -> None:
 
 def test_pserver_serves_health_and_reflection_and_drains_on_sigterm(tmp_path: Path,
                                                                    spawn: Any) -> None:
-    job = write_job(tmp_path / "job.toml")
+    job = pserver_job(tmp_path / "job.toml")
     ready = tmp_path / "ready"
     p = spawn("-m", "pserver", "--id", "0", "--config", str(job), "--port", "0",
               "--ready-file", str(ready))
@@ -204,7 +204,7 @@ def test_launcher_ctrl_c_leaves_no_process(tiny_data: Path, tmp_path: Path) -> N
 
 def test_status_lists_every_pserver_and_a_killed_one_as_not_answering(tmp_path: Path,
                                                                       spawn: Any) -> None:
-    job = write_job(tmp_path / "job.toml", job={"pservers": ["127.0.0.1:0", "127.0.0.1:0"]})
+    job = pserver_job(tmp_path / "job.toml", job={"pservers": ["127.0.0.1:0", "127.0.0.1:0"]})
     procs, addrs = [], []
     for i in range(2):
         ready = tmp_path / f"ready{i}"

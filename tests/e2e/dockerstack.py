@@ -1,6 +1,6 @@
 """A deploy/docker-compose.yml stack under test: one compose project, real containers.
 
-Used by tests/test_deploy.py. `docker_missing()` says why Docker cannot be used here (or
+Used by tests/e2e/test_deploy.py. `docker_missing()` says why Docker cannot be used here (or
 None); `build_image()` runs deploy/build-image.sh (cached by Docker's layer cache); `Stack`
 brings the compose file up under a unique project name with job-file overrides in every
 container's environment, and `down -v` removes its containers, network and volumes.
@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 SERVICES = ("data", "pserver-0", "pserver-1", "trainer-0", "trainer-1")
 _ids = itertools.count()

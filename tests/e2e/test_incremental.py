@@ -15,17 +15,8 @@ import pytest
 
 from ckpt import reader
 from ckpt.local import LocalStorage
-from tests.conftest import generated_data, python_env
-from tests.test_checkpoint import (
-    _pid_of,
-    assert_identical,
-    final_state,
-    launch,
-    run_to_end,
-    write_job,
-)
-
-pytestmark = pytest.mark.e2e
+from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, run_to_end, write_job
+from tests.helpers import generated_data, python_env
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def test_sigkill_in_the_middle_of_a_delta_save_restores_bit_identical(
     else:
         pytest.fail("the job ended before the kill")
     serial = int(m.group(1))
-    os.kill(_pid_of(job, "pserver", 1), signal.SIGKILL)
+    os.kill(pid_of(job, "pserver", 1), signal.SIGKILL)
     out, _ = p.communicate(timeout=240)
     if heal:
         assert p.returncode == 0, out

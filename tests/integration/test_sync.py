@@ -26,7 +26,7 @@ from pserver.tables.sparse import SparseTable
 from pserver.wire import psrt_pb2 as pb
 from pserver.wire.methods import PARAMETER_SERVER as SERVICE
 from pserver.wire.tensor import encode_ids, encode_tensor
-from tests.conftest import Cluster, job
+from tests.helpers import Cluster, job
 
 SEED = 20240611
 DIM = 8

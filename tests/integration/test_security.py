@@ -1,4 +1,5 @@
-"""TLS, mutual TLS and the shared token (pserver/security.py) on in-process pservers."""
+"""TLS, mutual TLS and the shared token (pserver/rpc/security.py) on in-process pservers;
+the certificates are the `pki` fixture's (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,8 @@ from pserver.rpc import security
 from pserver.rpc.client import PSClient
 from pserver.rpc.coord import CoordinatorClient
 from pserver.rpc.status import report
-from tests.conftest import Cluster, job
-from tests.security_fixtures import OTHER, TOKEN, client_with, pki, rpc
-
-__all__ = ["pki"]  # a fixture
+from tests.helpers import Cluster, job
+from tests.security import OTHER, TOKEN, client_with, rpc
 
 
 def assert_refused(cluster: Cluster, bad: PSClient, error: type, *words: str) -> None:
@@ -40,41 +39,6 @@ def assert_refused(cluster: Cluster, bad: PSClient, error: type, *words: str) ->
     assert good.info(0).tables[0].rows == rows
     good.push("emb", ids, np.ones((20, 8), np.float32))  # the control: a good push does change it
     assert not np.array_equal(good.pull("emb", ids), before)
-
-
-@pytest.mark.parametrize("keys,error", [
-    ({"tls_cert": "a.pem"}, "rpc.tls_cert: is set but rpc.tls is 'off'"),
-    ({"tls_server_name": "x"}, "rpc.tls_server_name: is set but rpc.tls is 'off'"),
-    ({"tls": "tls", "tls_cert": "a.pem"}, "rpc.tls_key: required because rpc.tls_cert is set"),
-    ({"tls": "tls", "tls_key": "a.key"}, "rpc.tls_cert: required because rpc.tls_key is set"),
-    ({"tls": "mtls", "tls_cert": "a.pem", "tls_key": "a.key"}, "rpc.tls_ca: required when "
-     "rpc.tls is 'mtls'"),
-    ({"tls": "tls", "tls_cert": "a", "tls_key": "b", "tls_client_cert": "c"},
-     "rpc.tls_client_cert: only used when rpc.tls is 'mtls', got 'tls'"),
-    ({"tls": "mtls", "tls_cert": "a", "tls_key": "b", "tls_ca": "c", "tls_client_key": "d"},
-     "rpc.tls_client_cert: required because rpc.tls_client_key is set"),
-    ({"tls": "ssl"}, "rpc.tls: must be one of off, tls, mtls; got 'ssl'"),
-    ({"token_file": 7}, "rpc.token_file: expected str, got int 7"),
-])
-def test_keys_that_do_not_fit_together_are_named(keys: dict, error: str) -> None:
-    with pytest.raises(cfg.ConfigError) as e:
-        cfg.build({"rpc": keys})
-    assert str(e.value).startswith(error), e.value
-
-
-def test_each_role_needs_only_its_own_certificate(pki: Path) -> None:
-    ca = str(pki / "ca.pem")
-    trainer = cfg.build({"rpc": {"tls": "tls", "tls_ca": ca}}).rpc  # no server files at all
-    assert security.channel_credentials(trainer) is not None
-    with pytest.raises(cfg.ConfigError, match="rpc.tls_cert: a pserver needs its certificate "
-                       "when rpc.tls is 'tls'"):
-        security.server_credentials(trainer)
-    with pytest.raises(cfg.ConfigError, match="rpc.tls_client_cert: a client needs a "
-                       "certificate when rpc.tls is 'mtls'"):
-        security.channel_credentials(cfg.build({"rpc": {"tls": "mtls", "tls_ca": ca}}).rpc)
-    client_only = {"tls": "mtls", "tls_ca": ca, "tls_client_cert": str(pki / "client.pem"),
-                   "tls_client_key": str(pki / "client.key")}
-    assert security.channel_credentials(cfg.build({"rpc": client_only}).rpc) is not None
 
 
 @pytest.mark.parametrize("edit,error", [
@@ -101,29 +65,6 @@ def test_bad_certificate_files_are_named(pki: Path, monkeypatch: pytest.MonkeyPa
     if "tls_client_key" not in edit:  # a pserver does not start with it
         with pytest.raises(cfg.ConfigError, match=error.split(":")[0]):
             Cluster(job(1, rpc={"tls": "mtls", **keys, **edit}))
-
-
-@pytest.mark.parametrize("text,env,error", [
-    ("short", None, "rpc.token_file: the token must have at least 16 characters, it has 5"),
-    ("has a space in it ......", None, "rpc.token_file: the token must be printable ASCII"),
-    (None, "tab\tin-the-token-value", "PSRT_TOKEN: the token must be printable ASCII"),
-    (TOKEN, OTHER, "rpc.token_file: is set and so is the PSRT_TOKEN environment variable"),
-])
-def test_bad_tokens_are_named_and_never_shown(tmp_path: Path, text: str | None, env: str | None,
-                                              error: str) -> None:
-    keys = {}
-    if text is not None:
-        (tmp_path / "t").write_text(text)
-        keys["token_file"] = str(tmp_path / "t")
-    config = cfg.build({"rpc": keys})
-    with pytest.raises(cfg.ConfigError) as e:
-        security.token(config.rpc, {} if env is None else {"PSRT_TOKEN": env})
-    assert str(e.value).startswith(error), e.value
-    assert all(s not in str(e.value) for s in (text, env) if s and len(s) > 5)
-    missing = cfg.build({"rpc": {"token_file": str(tmp_path / "nope")}})
-    with pytest.raises(cfg.ConfigError, match="rpc.token_file: no such file: .*nope"):
-        security.token(missing.rpc, {})
-    assert security.token(cfg.build({}).rpc, {"PSRT_TOKEN": f"  {TOKEN}\n"}) == TOKEN
 
 
 def test_tls_refuses_plaintext_and_an_unknown_ca(pki: Path, cluster_factory: Any) -> None:
@@ -188,5 +129,3 @@ def test_status_uses_the_job_security_and_never_shows_the_token(
     assert not ok and text.count("UNAUTHENTICATED: /psrt.v1.ParameterServer/Info: wrong "
                                  "token") == 2, text
     assert TOKEN not in text and OTHER not in text
-
-

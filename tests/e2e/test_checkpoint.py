@@ -10,67 +10,19 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from ckpt import layout, reader
 from ckpt.local import LocalStorage
-from tests.conftest import generated_data, python_env
-from trainer.demo import demo_job, dump_toml
-
-pytestmark = pytest.mark.e2e
-MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden": [8],
-         "use_fm": True, "use_wide": True, "use_numeric": True}
+from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, run_to_end, write_job
+from tests.helpers import generated_data, python_env
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generated_data(tmp_path_factory, "ckdata", 3000, seed=5)
-
-
-def write_job(data_dir: Path, workdir: Path, ckdir: Path, num_pservers: int = 2,
-              num_trainers: int = 2, epochs: int = 2, recovery: dict | None = None,
-              **checkpoint: Any) -> Path:
-    doc = demo_job(str(data_dir / "train.txt"), str(data_dir / "train.holdout.txt"),
-                   num_pservers, num_trainers, epochs, MODEL)
-    doc["trainer"].update(batch_size=128, progress="log", log_every=1)
-    doc["checkpoint"] = {"checkpoint_dir": str(ckdir), "max_num_checkpoints": 3,
-                         "epoch_interval": 1, "step_interval": 4, **checkpoint}
-    doc["recovery"] = {"heartbeat_s": 0.2, "liveness_timeout_s": 2.0, **(recovery or {})}
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "job.toml"
-    path.write_text(dump_toml(doc))
-    return path
-
-
-def launch(job: Path, timeout: float = 300, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "launch", "--config", str(job)],
-                            cwd=job.parent, env=env or python_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def run_to_end(job: Path, env: dict | None = None) -> str:
-    p = launch(job, env=env)
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
-    return out
-
-
-def final_state(ckdir: Path) -> dict[str, dict[str, np.ndarray]]:
-    storage = LocalStorage(ckdir)
-    manifest = reader.newest_complete(storage)
-    assert manifest is not None and manifest.final
-    return reader.read_all(storage, manifest)
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].keys() == b[k].keys(), k
-        for name in a[k]:
-            assert a[k][name].tobytes() == b[k][name].tobytes(), f"{k}/{name} differs"
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +87,6 @@ def test_trigger_saves_exactly_the_guides_steps(data_dir: Path, tmp_path: Path) 
     assert saved == expected
 
 
-def _pid_of(job: Path, role: str, ident: int) -> int:
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        if str(job) in args and role in args and "--id" in args and \
-                args[args.index("--id") + 1] == str(ident):
-            return int(d.name)
-    raise AssertionError(f"no {role} {ident} process")
-
-
 @pytest.mark.parametrize("role,ident,moment,background,heal", [
     ("pserver", 0, "step", False, True), ("pserver", 1, "step", False, True),
     ("trainer", 0, "step", False, True), ("trainer", 1, "step", False, True),
@@ -191,7 +128,7 @@ def test_sigkill_ends_bit_identical(data_dir: Path, tmp_path: Path, reference: d
         pytest.fail("the job ended before the kill")
     kind = "pserver" if role == "pserver" else "trainer"
     others = [(r, i) for r in ("pserver", "trainer") for i in (0, 1) if (r, i) != (kind, ident)]
-    os.kill(_pid_of(job, kind, ident), signal.SIGKILL)
+    os.kill(pid_of(job, kind, ident), signal.SIGKILL)
     if heal:
         rest, _ = p.communicate(timeout=240)
         assert p.returncode == 0, rest

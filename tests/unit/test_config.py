@@ -1,0 +1,91 @@
+"""The job file refuses what does not fit, naming the key: [recovery], [metrics], the [rpc]
+security keys, [checkpoint] locations, and `python -m pserver health`'s config errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pserver import config as cfg
+from pserver.__main__ import main
+from pserver.config import build as build_job
+from tests.helpers import job
+
+
+@pytest.mark.parametrize("recovery,message", [
+    ({"heartbeat_s": 0}, "recovery.heartbeat_s: must be > 0"),
+    ({"liveness_timeout_s": 1.0}, "recovery.liveness_timeout_s: must be over twice"),
+    ({"rejoin_timeout_s": -1}, "recovery.rejoin_timeout_s: must be > 0"),
+    ({"max_restarts": -1}, "recovery.max_restarts: must be >= 0"),
+    ({"max_restarts": "many"}, "recovery.max_restarts: expected int"),
+    ({"heartbeats": 1}, "recovery.heartbeats: unknown key"),
+])
+def test_bad_recovery_keys_are_refused_naming_them(recovery: dict, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        job(1, recovery=recovery)
+
+
+@pytest.mark.parametrize("section,key,problem", [
+    ({"port": -2}, "metrics.port", "must be >= -1, got -2"),
+    ({"port": "9100"}, "metrics.port", "expected int, got str '9100'"),
+    ({"port": True}, "metrics.port", "expected int, got bool True"),
+    ({"port": 65530}, "metrics.port", "65530 + P + T - 1 = 65536 is over 65535"),
+    ({"host": " "}, "metrics.host", "must not be empty"),
+    ({"targets_dir": 3}, "metrics.targets_dir", "expected str, got int 3"),
+    ({"interval": 5}, "metrics.interval", "unknown key (known: port, host, targets_dir, "
+                                          "curves_dir)"),
+])
+def test_bad_metrics_config_is_rejected_naming_the_key(section: dict, key: str,
+                                                       problem: str) -> None:
+    raw = {"job": {"pservers": ["127.0.0.1:1", "127.0.0.1:2"], "num_trainers": 5},
+           "metrics": section}
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.build(raw)
+    assert e.value.key == key and str(e.value) == f"{key}: {problem}"
+
+
+@pytest.mark.parametrize("keys,error", [
+    ({"tls_cert": "a.pem"}, "rpc.tls_cert: is set but rpc.tls is 'off'"),
+    ({"tls_server_name": "x"}, "rpc.tls_server_name: is set but rpc.tls is 'off'"),
+    ({"tls": "tls", "tls_cert": "a.pem"}, "rpc.tls_key: required because rpc.tls_cert is set"),
+    ({"tls": "tls", "tls_key": "a.key"}, "rpc.tls_cert: required because rpc.tls_key is set"),
+    ({"tls": "mtls", "tls_cert": "a.pem", "tls_key": "a.key"}, "rpc.tls_ca: required when "
+     "rpc.tls is 'mtls'"),
+    ({"tls": "tls", "tls_cert": "a", "tls_key": "b", "tls_client_cert": "c"},
+     "rpc.tls_client_cert: only used when rpc.tls is 'mtls', got 'tls'"),
+    ({"tls": "mtls", "tls_cert": "a", "tls_key": "b", "tls_ca": "c", "tls_client_key": "d"},
+     "rpc.tls_client_cert: required because rpc.tls_client_key is set"),
+    ({"tls": "ssl"}, "rpc.tls: must be one of off, tls, mtls; got 'ssl'"),
+    ({"token_file": 7}, "rpc.token_file: expected str, got int 7"),
+])
+def test_keys_that_do_not_fit_together_are_named(keys: dict, error: str) -> None:
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.build({"rpc": keys})
+    assert str(e.value).startswith(error), e.value
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"checkpoint_dir": "nosuch://b/ck"}, r"checkpoint_dir: unknown protocol 'nosuch' in "
+                                          r"'nosuch://b/ck' \(fsspec knows \d+, e.g. s3, gs"),
+    ({"checkpoint_dir": "s3://"}, r"checkpoint_dir: expected s3://BUCKET/PATH .*got 's3://'"),
+    ({"checkpoint_dir": "file://rel"}, r"checkpoint_dir: a file:// URL needs an absolute path"),
+    ({"checkpoint_dir": "ck", "storage_options": {"key": "k"}},
+     r"storage_options: only for a URL checkpoint_dir, and 'ck' is a local path"),
+    ({"checkpoint_dir": "s3://b/ck", "storage_options": "key=k"},
+     r"storage_options: expected a table of keys \(passed to fsspec\), got str"),
+])
+def test_bad_locations_are_refused_naming_the_key(section: dict, match: str) -> None:
+    with pytest.raises(ValueError, match="^checkpoint." + match):
+        build_job({"checkpoint": section})
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--id", "2"], "--id: pserver id 2 is out of range 0..0"),
+    (["--id", "0", "--set", "job.mode=lazy"], "job.mode"),
+])
+def test_health_config_errors_exit_2_naming_the_key(
+        args: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pserver health: config error: ") and expected in err
