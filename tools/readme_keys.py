@@ -1,7 +1,7 @@
 """The README's job-file key tables, made from the schemas in the code.
 
 `python tools/readme_keys.py` prints them; `python tools/readme_keys.py --write`
-puts them between the markers in README.md. `tests/test_docs.py` checks the
+puts them between the markers in README.md. `tests/unit/test_docs.py` checks the
 README holds exactly what this prints.
 """
 

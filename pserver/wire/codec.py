@@ -5,7 +5,7 @@ access, and builds a nested message before serializing it: for a 16 MB pull
 answer that cost more than the transfer. These functions read and write the
 same protobuf wire format (proto/pserver/wire/psrt.proto) directly: decoding
 returns numpy views into the received buffer, encoding joins a small header
-with the array's own buffer. `tests/test_codec.py` checks them against the
+with the array's own buffer. `tests/unit/test_codec.py` checks them against the
 generated classes both ways. Other messages use the generated classes.
 """
 

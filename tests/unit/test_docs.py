@@ -140,6 +140,10 @@ def test_package_boundaries() -> None:
             assert not top & {"grpc", "google"}, f"{name}: the coordinator's logic has no gRPC"
             rpc = {n for n, _ in _imports(path) if n.startswith("pserver.rpc")}
             assert not rpc, f"{name}: coord imports nothing of pserver.rpc ({rpc})"
+        if name.startswith("trainer"):  # talks to pservers through the client interface
+            tables = {n for n, _ in _imports(path) if n.startswith("pserver.tables")
+                      and not n.startswith("pserver.tables.sharding")}
+            assert not tables, f"{name}: trainers reach tables only through a client ({tables})"
         assert "proto" not in top, f"{name}: no package named proto is ours"
 
 
