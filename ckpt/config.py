@@ -62,6 +62,11 @@ def _key(default: Any, doc: str, check: Any = None, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check}, **kw)
 
 
+# the order the fields are checked in (a value that breaks two rules names the first)
+_CHECK_ORDER = ("checkpoint_dir", "max_num_checkpoints", "epoch_interval", "step_interval",
+                "full_every", "background", "background_duty", "background_priority")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Where and how often to checkpoint.
@@ -108,14 +113,14 @@ class CheckpointConfig:
                   "left to the environment; never logged)"})
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            check = f.metadata.get("check")
-            if check is not None and (problem := check(getattr(self, f.name))) is not None:
-                raise ConfigError(f.name, problem)
+        checks = {f.name: f.metadata.get("check") for f in fields(self)}
+        for name in _CHECK_ORDER:
+            if (problem := checks[name](getattr(self, name))) is not None:
+                raise ConfigError(name, problem)
         _check_location(self.checkpoint_dir, self.storage_options)
 
     def storage(self) -> Storage:
-        """The storage of `checkpoint_dir` (see ckpt.storage.open_storage)."""
+        """The storage of `checkpoint_dir` (see ckpt.backends.open_storage)."""
         return open_storage(self.checkpoint_dir, self.storage_options)
 
     def should_save(self, epoch_id: int, step_id: int) -> bool:

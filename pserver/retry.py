@@ -2,7 +2,8 @@
 
 Joining a coordinator that is starting, rejoining a job that is rolling back,
 and reaching a peer that restarts all wait the same way: the call is made at
-once, then again after 0.1 s, 0.2 s, ... (doubling, at most `max_delay`), while
+once, then again after `delay` (0.1 s unless given), twice that, ... (at most
+`max_delay`), while
 it raises one of `errors` and `seconds` have not passed since the first call;
 then the last error is raised. Other errors are raised at once.
 """

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ckpt import CheckpointConfig
 from pserver.config import SECTIONS as JOB_SECTIONS
 from pserver.config import ConfigError, JobConfig
-from pserver.config.schema import describe_sections, fraction, parse, positive, setting
+from pserver.config.schema import describe_sections, fraction, one_of, parse, positive, setting
 from pserver.config.schema import validate as validate_keys
 from trainer.models import Model, ModelConfig, build_model
-
-
-def _progress(v: Any) -> str | None:
-    choices = ("auto", "bar", "log", "off")
-    return None if v in choices else f"must be one of {', '.join(choices)}; got {v!r}"
 
 
 @dataclass(frozen=True)
@@ -34,7 +29,7 @@ class TrainerConfig:
     batch_size: int = setting(512, "examples per step per trainer", positive)
     eval_batch_size: int = setting(4096, "examples per step when evaluating", positive)
     progress: str = setting("auto", "auto (a bar on a terminal, else log lines), bar, log or "
-                            "off", _progress)
+                            "off", one_of("auto", "bar", "log", "off"))
     log_every: int = setting(100, "steps between progress log lines (progress = log)",
                              positive)
 

@@ -88,7 +88,7 @@ class TableSpec:
     init_scale: float = setting(0.01, "std (normal), half-width (uniform), value (constant), "
                                 "gain (glorot_uniform)")
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec, metadata={"flatten": True})
-    seed: int | None = setting(None, _SEED_DOC, shown="derived")
+    seed: int = setting(0, _SEED_DOC, shown="derived")  # a job file without it: name_seed
 
     def __post_init__(self) -> None:
         validate(self, f"tables.{self.name}")
@@ -105,7 +105,7 @@ class DenseSpec:
     optimizer: OptimizerSpec = field(
         default_factory=lambda: OptimizerSpec(kind="adam", learning_rate=0.001),
         metadata={"flatten": True})
-    seed: int | None = setting(None, _SEED_DOC, shown="derived")
+    seed: int = setting(0, _SEED_DOC, shown="derived")  # a job file without it: name_seed
 
     def __post_init__(self) -> None:
         validate(self, f"dense.{self.name}")
@@ -283,10 +283,17 @@ def _named(kind: str, raw: Any, seed: int) -> list[Any]:
     out = []
     for name, body in raw.items():
         spec = parse(f"{kind}.{name}", _NAMED[kind], body, name=name)
-        if spec.seed is None:
+        if "seed" not in body:
             spec = dataclasses.replace(spec, seed=name_seed(seed, name))
         out.append(spec)
     return out
+
+
+def _table(section: str, raw: Any) -> dict[str, Any]:
+    """A section kept for the trainer, as a dict (it checks the keys)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(section, f"expected a table of keys, got {raw!r}")
+    return dict(raw)
 
 
 def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
@@ -309,7 +316,8 @@ def build(raw: Mapping[str, Any], source: str = "<dict>") -> JobConfig:
     ckpt = raw.get("checkpoint")
     return dataclasses.replace(job, **parts, tables=tuple(tables), dense=tuple(dense),
                                source=source,
-                               sections={k: dict(raw[k]) for k in OTHER_SECTIONS if k in raw},
+                               sections={k: _table(k, raw[k]) for k in OTHER_SECTIONS
+                                         if k in raw},
                                checkpoint=None if ckpt is None else
                                parse("checkpoint", CheckpointConfig, ckpt))
 

@@ -9,7 +9,7 @@ README's tables (`tools/readme_keys.py`).
 
 The key's type is the field's annotation: `int`, `float` (an int is taken as
 a float), `str`, `bool`, `dict`, `tuple[X, ...]` (a TOML list of X, kept as a
-tuple; a bare `tuple` leaves the items to the check), `X | None`. Other
+tuple; a bare `tuple` leaves the whole value to the check), `X | None`. Other
 packages' classes (`ckpt.CheckpointConfig`) follow the same convention with
 plain field metadata (`doc`, `check`) and check themselves.
 
@@ -152,7 +152,9 @@ def _typed(hint: Any, value: Any) -> tuple[Any, str | None]:
         if value is None and type(None) in args:
             return value, None
         return _typed(next(a for a in args if a is not type(None)), value)
-    if hint is tuple or origin is tuple:
+    if hint is tuple:  # the check judges the value: its type too
+        return (tuple(value) if isinstance(value, list | tuple) else value), None
+    if origin is tuple:
         if not isinstance(value, list | tuple):
             return value, f"expected list, got {_got(value)}"
         item = args[0] if args else None
@@ -170,6 +172,15 @@ def _typed(hint: Any, value: Any) -> tuple[Any, str | None]:
     return value, None
 
 
+def _checked(hint: Any, f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    """(the value as the field keeps it, or the problem with it: its type, then its check)."""
+    value, problem = _typed(hint, value)
+    check = f.metadata.get("check")
+    if problem is None and check is not None and value is not None:
+        problem = check(value)
+    return value, problem
+
+
 def validate(obj: Any, section: str = "") -> None:
     """Check (and normalise: ints to floats, lists to tuples) every key field of a config
     dataclass; ConfigError names `section.key` (the bare key without a section)."""
@@ -179,10 +190,7 @@ def validate(obj: Any, section: str = "") -> None:
             continue
         name = f.metadata.get("key", f.name)
         key = f"{section}.{name}" if section else name
-        value, problem = _typed(hints[f.name], getattr(obj, f.name))
-        check = f.metadata.get("check")
-        if problem is None and check is not None and value is not None:
-            problem = check(value)
+        value, problem = _checked(hints[f.name], f, getattr(obj, f.name))
         if problem is not None:
             raise ConfigError(key, problem)
         if value is not getattr(obj, f.name):
@@ -202,6 +210,8 @@ def parse(prefix: str, cls: type, raw: Any, **fixed: Any) -> Any:
     for name in raw:
         if name not in names:
             raise ConfigError(f"{prefix}.{name}", f"unknown key (known: {', '.join(names)})")
+    if any(k.owner for k in known):
+        _check_in_order(prefix, cls, known, raw)
     values: dict[str, Any] = dict(fixed)
     nested: dict[str, dict[str, Any]] = {}
     for k in known:
@@ -220,6 +230,20 @@ def parse(prefix: str, cls: type, raw: Any, **fixed: Any) -> Any:
         raise ConfigError(f"{prefix}.{e.key}", e.problem) from None
     _only_for(prefix, known, raw, obj)
     return obj
+
+
+def _check_in_order(prefix: str, cls: type, known: list[Key], raw: Mapping[str, Any]) -> None:
+    """The given keys of a section with flattened ones, checked in the section's order (its
+    nested dataclass is built first, and would otherwise speak first)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in known:
+        if k.name not in raw:
+            continue
+        owner = type(_default(fields[k.owner])) if k.owner else cls
+        f = next(f for f in dataclasses.fields(owner) if f.name == k.field)
+        problem = _checked(_hints(owner)[k.field], f, raw[k.name])[1]
+        if problem is not None:
+            raise ConfigError(f"{prefix}.{k.name}", problem)
 
 
 def _only_for(prefix: str, known: list[Key], raw: Mapping[str, Any], obj: Any) -> None:

@@ -34,7 +34,7 @@ def _part(text: str, where: str) -> Part | None:
     try:
         return Part.from_json(text)
     except (ValueError, KeyError, TypeError) as e:
-        raise InvalidArgument(f"{where}: part is not a part's JSON: {e}") from None
+        raise InvalidArgument(f"{where}: {e}") from None
 
 
 class CoordinatorServicer:

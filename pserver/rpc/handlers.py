@@ -78,7 +78,8 @@ def generic_handler(service: str, methods: Mapping[str, Method], servicer: objec
                     before: Callable[[str, grpc.ServicerContext], None] | None = None,
                     timed: Callable[[str, Handler], Handler] | None = None
                     ) -> grpc.GenericRpcHandler:
-    """gRPC handlers for every method of `service` that `servicer` implements. `before(name,
+    """gRPC handlers for every method of `service`, each calling `servicer`'s method of that
+    name (a servicer has one for every method of its service). `before(name,
     ctx)` runs first (it may raise a PsrtError: the generation check of data calls);
     `timed(name, handler)` wraps each handler (metrics)."""
     handlers = {}

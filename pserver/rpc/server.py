@@ -178,7 +178,8 @@ def _coordinator(config: JobConfig, servicer: Servicer) -> Coordinator:
                 raise from_rpc_error(e, f"SaveShard on pserver[{pserver_id}] at {address}") \
                     from None
         if resp.missing_base:
-            raise MissingBase(resp.missing_base)
+            raise MissingBase(f"SaveShard on pserver[{pserver_id}] at {address}: "
+                              f"{resp.missing_base}")
         return Part.from_json(resp.part) if resp.part else None
 
     try:

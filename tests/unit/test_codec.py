@@ -1,4 +1,4 @@
-"""pserver.codec against the generated protobuf classes, both ways."""
+"""pserver.wire.codec against the generated protobuf classes, both ways."""
 
 from __future__ import annotations
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 from pserver import config as cfg
 from pserver.__main__ import main
 from pserver.config import build as build_job
+from pserver.tables.dense import DenseVariable
+from pserver.tables.sparse import SparseTable
 from tests.helpers import job
 
 
@@ -89,3 +92,33 @@ def test_health_config_errors_exit_2_naming_the_key(
     assert main(["health", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pserver health: config error: ") and expected in err
+
+
+def test_specs_made_in_code_are_seeded_and_a_job_file_derives_the_seed() -> None:
+    """A TableSpec or DenseSpec built in code has seed 0 (its rows and values are the same
+    run after run); a job file without a seed derives one from job.seed and the name."""
+    assert cfg.TableSpec("t", 4).seed == 0 and cfg.DenseSpec("d", (2, 2)).seed == 0
+    ids = np.arange(3, dtype=np.uint64)
+    assert (SparseTable(cfg.TableSpec("t", 4)).pull(ids) ==
+            SparseTable(cfg.TableSpec("t", 4, seed=0)).pull(ids)).all()
+    assert (DenseVariable(cfg.DenseSpec("d", (2, 2))).pull() ==
+            DenseVariable(cfg.DenseSpec("d", (2, 2))).pull()).all()
+    built = build_job({"job": {"seed": 3}, "tables": {"a": {"dim": 4}, "b": {"dim": 4,
+                                                                          "seed": 0}}})
+    assert [t.seed for t in built.tables] == [cfg.name_seed(3, "a"), 0]
+
+
+@pytest.mark.parametrize("doc,message", [
+    # two bad keys: the first in the section's order is named
+    ({"tables": {"emb": {"dim": "x", "learning_rate": 0}}}, "tables.emb.dim: expected int"),
+    ({"tables": {"emb": {"dim": 8, "init_scale": "x", "beta1": 2.0}}},
+     "tables.emb.init_scale: expected float"),
+    ({"checkpoint": {"background": 1, "full_every": 0}},
+     "checkpoint.full_every: expected an integer >= 1, got 0"),
+    # the trainer's sections are tables too
+    ({"trainer": 5}, "trainer: expected a table of keys, got 5"),
+    ({"model": [1]}, "model: expected a table of keys, got [1]"),
+])
+def test_the_first_bad_key_is_named(doc: dict, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match="^" + re.escape(message)):
+        build_job(doc)

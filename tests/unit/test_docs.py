@@ -32,18 +32,21 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
         ["psrt_pb2.py", "psrt_pb2.pyi"]
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = ROOT) -> dict[str, Path]:
     out = {}
     for pkg in OURS:
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in (root / pkg).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
+def _imports(path: Path, root: Path = ROOT) -> list[tuple[str, bool]]:
     """(module imported, inside a function) for every import of a file, the names of a
-    `from` import too (they may be modules), TYPE_CHECKING blocks included."""
+    `from` import too (they may be modules), TYPE_CHECKING blocks included; a relative
+    import is resolved against the file's package."""
+    rel = path.relative_to(root).with_suffix("").parts
+    package = rel[:-1]  # a module's package; an __init__'s own
     found: list[tuple[str, bool]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
@@ -51,17 +54,20 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
             inner = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
             if isinstance(child, ast.Import):
                 found.extend((a.name, inner) for a in child.names)
-            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                found.append((child.module, inner))
-                found.extend((f"{child.module}.{a.name}", inner) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = ".".join([*package[:len(package) - child.level + 1]] if child.level
+                                else [])
+                module = ".".join(p for p in (base, child.module or "") if p)
+                found.append((module, inner))
+                found.extend((f"{module}.{a.name}", inner) for a in child.names)
             visit(child, inner)
 
     visit(ast.parse(path.read_text()), False)
     return found
 
 
-def _graph() -> dict[str, set[str]]:
-    mods = _modules()
+def _graph(root: Path = ROOT) -> dict[str, set[str]]:
+    mods = _modules(root)
 
     def ours(name: str) -> str | None:
         while name and name not in mods:
@@ -70,10 +76,12 @@ def _graph() -> dict[str, set[str]]:
 
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, path in mods.items():
-        for name, _ in _imports(path):
+        for name, _ in _imports(path, root):
             target = ours(name) if name.split(".")[0] in OURS else None
-            if target is not None and target != m:
-                graph[m].add(target)
+            while target is not None:  # importing a.b.c runs a.b's and a's __init__ too
+                if target != m and not m.startswith(target + "."):  # (its own: loading)
+                    graph[m].add(target)
+                target = target.rpartition(".")[0] or None
     return graph
 
 
@@ -116,6 +124,28 @@ def test_no_import_cycles_between_our_modules() -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_the_import_graph_sees_relative_typing_and_package_imports(tmp_path: Path) -> None:
+    """Cycles the graph must not miss: through a relative import, a TYPE_CHECKING import,
+    `import x as y`, and a package's __init__ (importing a.b.c runs a.b's __init__)."""
+    files = {
+        "pserver/__init__.py": "",
+        "pserver/a/__init__.py": "from pserver.b.y import Y\n",
+        "pserver/a/x.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                          "    from pserver.c import z\n",
+        "pserver/b/__init__.py": "",
+        "pserver/b/y.py": "from ..a.x import X\n",
+        "pserver/c/__init__.py": "",
+        "pserver/c/z.py": "import pserver.a.x as x\n",
+        "pserver/d.py": "from . import c\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    graph = _graph(tmp_path)
+    assert graph["pserver.d"] >= {"pserver.c"}
+    assert _cycles(graph) == [["pserver.a", "pserver.a.x", "pserver.b.y", "pserver.c.z"]]
 
 
 def _top(path: Path) -> set[str]:

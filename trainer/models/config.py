@@ -29,9 +29,11 @@ def _positive(v: int) -> str | None:
 
 
 def _sizes(v: Any) -> str | None:
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-        return f"expected a list of ints > 0, got {list(v)!r}"
-    return None
+    if isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                    for x in v):
+        return None
+    got = f"list {list(v)!r}" if isinstance(v, tuple) else f"{type(v).__name__} {v!r}"
+    return f"expected a list of ints > 0, got {got}"
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class ModelConfig:
     """[model]: which model, and its sizes."""
 
     SECTION: ClassVar[str] = "model"
-    kind: str = setting("deepfm", "lr (logistic regression) or deepfm", _kind)
+    kind: str = setting("deepfm", "lr (logistic regression) or deepfm")  # checked last
     embedding_dim: int = setting(8, "deepfm: row dim of the embedding tables emb_*", _positive)
     slot_groups: int = setting(1, "deepfm: the 26 slots split into this many contiguous "
                                "groups, one embedding table each (emb_0, emb_1, ...)", _positive)
@@ -52,6 +54,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         validate(self, self.SECTION)
+        if (problem := _kind(self.kind)) is not None:
+            raise ConfigError("model.kind", problem)
 
 
 def build_model(model_section: Mapping[str, Any], *, num_slots: int = 26,
