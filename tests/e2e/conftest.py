@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import python_env
+from tests.e2e.jobs import final_state, run_to_end, write_job
+from tests.helpers import generated_data, python_env
 
 HERE = Path(__file__).parent
 
@@ -23,6 +24,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data of the end-to-end jobs (tests/e2e/jobs.py write_job): 3,000 examples."""
+    return generated_data(tmp_path_factory, "ckdata", 3000, seed=5)
+
+
+@pytest.fixture(scope="session")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The final parameters of write_job's job never interrupted, saving full checkpoints
+    only (full_every = 1): what every interrupted or resumed run must end with."""
+    work = tmp_path_factory.mktemp("reference")
+    run_to_end(write_job(data_dir, work, work / "ckpt"))
+    return final_state(work / "ckpt")
 
 
 @pytest.fixture

@@ -16,20 +16,7 @@ import pytest
 from ckpt import reader
 from ckpt.local import LocalStorage
 from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, run_to_end, write_job
-from tests.helpers import generated_data, python_env
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generated_data(tmp_path_factory, "ckdata", 3000, seed=5)
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The final parameters of the job saving full checkpoints only (full_every = 1)."""
-    work = tmp_path_factory.mktemp("reference")
-    run_to_end(write_job(data_dir, work, work / "ckpt"))
-    return final_state(work / "ckpt")
+from tests.helpers import python_env
 
 
 def ckpt_cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,16 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.jobs import launch, write_job
-from tests.helpers import ROOT, generated_data, python_env, wait_file
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generated_data(tmp_path_factory, "recdata", 3000, seed=5)
-
+from tests.helpers import ROOT, python_env, wait_file
 
 # ---- the launcher heals, status shows it, a lost role fails the job -----------
 

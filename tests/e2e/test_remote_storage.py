@@ -18,7 +18,7 @@ from ckpt.__main__ import main as ckpt_main
 from ckpt.backends import open_storage
 from ckpt.local import LocalStorage
 from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, write_job
-from tests.helpers import generated_data, python_env
+from tests.helpers import python_env
 from tests.s3 import CREDS, options, save
 
 pytest.importorskip("s3fs")  # without them the module skips
@@ -70,11 +70,6 @@ def test_ckpt_cli_on_an_s3_url(endpoint: str, bucket: str,
     assert "nosuch://b/ck" in capsys.readouterr().err
     assert ckpt_main(["-o", "novalue", "ls", url]) == 2
     assert "-o: expected KEY=VALUE, got 'novalue'" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generated_data(tmp_path_factory, "remotedata", 3000, seed=5)
 
 
 @pytest.fixture(scope="module")
