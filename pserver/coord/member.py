@@ -18,7 +18,7 @@ import uuid
 from typing import Any, Protocol
 
 from ckpt import reader
-from pserver.config import ConfigError
+from pserver.config import ConfigError, JobConfig
 from pserver.coord.heartbeat import Heartbeat
 from pserver.errors import FailedPrecondition
 from pserver.retry import retry
@@ -51,7 +51,7 @@ class Host(Protocol):
 
 
 class PserverMember:
-    def __init__(self, host: Host, coord: Any, config: Any) -> None:
+    def __init__(self, host: Host, coord: Any, config: JobConfig) -> None:
         """`coord`: the coordinator, in-process (pserver 0) or a `CoordinatorClient`."""
         self.host, self.coord, self.config = host, coord, config
         self.id = host.shard.pserver_id

@@ -23,8 +23,8 @@ from pserver.errors import (
     Unavailable,
 )
 from pserver.metrics.hooks import NULL
-from pserver.rpc import handlers
 from pserver.rpc.coord import CoordinatorClient
+from pserver.rpc.handlers import generic_handler, remaining
 from pserver.tables import persist
 from pserver.tables.shard import Shard
 from pserver.wire import codec
@@ -33,7 +33,6 @@ from pserver.wire.methods import GENERATION_KEY, PARAMETER_SERVER, PS_METHODS
 from pserver.wire.tensor import ROW_DTYPE, decode_tensor, encode_tensor
 
 log = logging.getLogger(__name__)
-remaining = handlers.remaining
 
 
 class Servicer:
@@ -168,5 +167,5 @@ class Servicer:
         return report
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
-        return handlers.generic_handler(PARAMETER_SERVER, PS_METHODS, self, self.role,
-                                        before=self.check_generation, timed=self.metrics.timed)
+        return generic_handler(PARAMETER_SERVER, PS_METHODS, self, self.role,
+                               before=self.check_generation, timed=self.metrics.timed)
