@@ -4,8 +4,8 @@ end bit-identical to a run never interrupted.
     python benchmarks/chaos.py --kills 50 --seed 1
 
 One local launcher runs 2 pservers and 2 trainers (sync mode, a checkpoint every few
-steps, saves slowed down by PSRT_FAULT_SAVE_SLEEP_S so that some kills land in the
-middle of one). After a random pause the script kills a random process (pserver 0,
+steps, saves slowed down by a slow-write fault of checkpoint.faults so that some kills
+land in the middle of one). After a random pause the script kills a random process (pserver 0,
 which hosts the coordinator, included); the launcher starts it again and the job rolls
 back to its newest complete checkpoint without restarting the others. The next kill
 comes once both trainers train again. The last line is JSON: kills, recoveries (the
@@ -45,12 +45,15 @@ ROLLED = re.compile(r"(trainer\[\d\]) rolled back from global step (\d+) to (\d+
 STEP = re.compile(r"(trainer\[\d\]) epoch \d+ step \d+/")
 
 
-def write_job(data: Path, work: Path, epochs: int, kills: int) -> Path:
+def write_job(data: Path, work: Path, epochs: int, kills: int, save_sleep: float) -> Path:
     shutil.rmtree(work, ignore_errors=True)  # a fresh start, not a resume of an earlier run
     doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 2, 2, epochs, MODEL)
     doc["trainer"].update(batch_size=128, progress="log", log_every=1)
     doc["checkpoint"] = {"checkpoint_dir": str(work / "ckpt"), "max_num_checkpoints": 3,
-                         "epoch_interval": 1, "step_interval": 5}
+                         "epoch_interval": 1, "step_interval": 5,
+                         # each pserver's save waits midway: some kills land in one
+                         "faults": [{"kind": "slow", "seconds": save_sleep, "op": "write",
+                                     "path": "*/__lockup_table__/*/emb_0.values"}]}
     doc["recovery"] = {"heartbeat_s": 0.2, "liveness_timeout_s": 2.0, "rejoin_timeout_s": 120.0,
                        "max_restarts": kills}
     work.mkdir(parents=True, exist_ok=True)
@@ -160,7 +163,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0,
                     help="epochs (default: 2 + 1.5 N, enough for N kills)")
     ap.add_argument("--save-sleep", type=float, default=0.3,
-                    help="PSRT_FAULT_SAVE_SLEEP_S: widens saves so some kills land in one")
+                    help="seconds each pserver's save waits midway (a slow-write fault), so "
+                    "that some kills land in one")
     ap.add_argument("--timeout", type=float, default=0, help="seconds (default: from N)")
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     args = ap.parse_args()
@@ -172,17 +176,17 @@ def main() -> None:
         data.mkdir(parents=True, exist_ok=True)
         generate(data / "train.txt", args.examples, seed=args.seed, holdout_fraction=0.1,
                  holdout_path=data / "train.holdout.txt")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-                   PSRT_FAULT_SAVE_SLEEP_S=str(args.save_sleep))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         started = time.perf_counter()
-        ref_job = write_job(data, work / "reference", epochs, 0)
+        ref_job = write_job(data, work / "reference", epochs, 0, args.save_sleep)
         ref = launch(ref_job, env)
         out, _ = ref.communicate(timeout=timeout)
         if ref.returncode != 0:
             raise RuntimeError(f"the uninterrupted run failed:\n{out[-3000:]}")
         reference_s = time.perf_counter() - started
         started = time.perf_counter()
-        chaos = run_chaos(write_job(data, work / "chaos", epochs, args.kills), env,
+        chaos = run_chaos(write_job(data, work / "chaos", epochs, args.kills, args.save_sleep),
+                          env,
                           args.kills, args.seed, timeout)
         chaos_s = time.perf_counter() - started
         same = identical(final_state(work / "chaos" / "ckpt"),

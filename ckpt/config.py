@@ -8,6 +8,7 @@ from typing import Any
 import fsspec
 
 from ckpt.backends import open_storage
+from ckpt.faulty import FaultyStorage, parse_faults
 from ckpt.storage import Storage, protocol_of, shown
 
 PRIORITIES = ("idle", "low", "normal")  # of the thread writing a background save
@@ -62,9 +63,17 @@ def _key(default: Any, doc: str, check: Any = None, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check}, **kw)
 
 
+def _faults(v: Any) -> str | None:
+    try:
+        parse_faults(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 # the order the fields are checked in (a value that breaks two rules names the first)
 _CHECK_ORDER = ("checkpoint_dir", "max_num_checkpoints", "epoch_interval", "step_interval",
-                "full_every", "background", "background_duty", "background_priority")
+                "full_every", "background", "background_duty", "background_priority", "faults")
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,10 @@ class CheckpointConfig:
                                     "where something keeps every core busy the write waits), "
                                     "\"low\" (nice 19) or \"normal\" (the pserver's own)",
                                     _priority)
+    faults: tuple = _key((), "store faults to inject, for tests and drills (`ckpt/faulty.py`): "
+                         "a list of tables {kind = \"slow\"|\"enospc\"|\"eio\"|\"torn\"|"
+                         "\"damage\"|\"vanish\", op, path, after, times, seconds}; empty: none",
+                         _faults)
     storage_options: dict[str, Any] = field(
         default_factory=dict, repr=False, compare=False,
         metadata={"doc": "for a URL checkpoint_dir: options of its fsspec file system, e.g. "
@@ -118,10 +131,13 @@ class CheckpointConfig:
             if (problem := checks[name](getattr(self, name))) is not None:
                 raise ConfigError(name, problem)
         _check_location(self.checkpoint_dir, self.storage_options)
+        object.__setattr__(self, "faults", parse_faults(self.faults))
 
     def storage(self) -> Storage:
-        """The storage of `checkpoint_dir` (see ckpt.backends.open_storage)."""
-        return open_storage(self.checkpoint_dir, self.storage_options)
+        """The storage of `checkpoint_dir` (see ckpt.backends.open_storage), with the
+        configured `faults` injected (ckpt.faulty)."""
+        storage = open_storage(self.checkpoint_dir, self.storage_options)
+        return FaultyStorage(storage, self.faults) if self.faults else storage
 
     def should_save(self, epoch_id: int, step_id: int) -> bool:
         return epoch_id % self.epoch_interval == 0 and step_id % self.step_interval == 0

@@ -60,7 +60,7 @@ def write_shard(storage: Storage, serial: int, pserver_id: int,
                 tables: Mapping[str, Rows | Mapping[str, np.ndarray]],
                 vshards: Mapping[str, np.ndarray], virtual_shards: int,
                 dense_state: Mapping[str, Mapping[str, np.ndarray]],
-                facts: dict | None = None, midway: Callable[[], None] | None = None,
+                facts: dict | None = None,
                 progress: Callable[[int], None] | None = None) -> Part:
     """Pserver `pserver_id`'s part: every table's rows (arrays, or `Rows` read as they are
     written), the rows sorted by virtual shard (`order`, with `vshards` offsets; each row's
@@ -95,14 +95,8 @@ def write_shard(storage: Storage, serial: int, pserver_id: int,
                 chunk = src.read(min(n, lo + CHUNK_ROWS))
                 for a, w in out.items():
                     w.write(chunk[a])
-                if midway is not None:  # after the first rows
-                    midway()
-                    midway = None
                 if progress is not None:
                     progress(sum(rows.values()) + min(n, lo + CHUNK_ROWS))
-            if midway is not None:  # a table without rows
-                midway()
-                midway = None
         files += [w.entry() for w in out.values()]
         rows[name] = n
     for name, arrays in dense_state.items():

@@ -58,11 +58,14 @@ def _value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (in a list: checkpoint.faults)
+        return "{" + ", ".join(f"{k} = {_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} to TOML")
 
 
 def dump_toml(doc: dict[str, Any]) -> str:
-    """TOML text for a job dict: sections of scalars and lists, one level of [a.b] tables."""
+    """TOML text for a job dict: sections of scalars and lists (of scalars or inline tables),
+    one level of [a.b] tables."""
     out: list[str] = []
     for section, body in doc.items():
         scalars = {k: v for k, v in body.items() if not isinstance(v, dict)}

@@ -17,7 +17,6 @@ root, then each delta's rows over it, oldest first.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -104,7 +103,7 @@ def _write(shard: Shard, staged: Staged, storage: Storage, serial: int,
         vshards = {n: virtual_shard(t.ids, v) for n, t in staged.tables.items()}
         part = writer.write_shard(storage, serial, shard.pserver_id, staged.tables, vshards,
                                   shard.config.virtual_shards, staged.dense_state, facts,
-                                  midway=_fault(serial), progress=progress)
+                                  progress=progress)
     except BaseException:
         shard.metrics.save_failed()
         raise
@@ -141,12 +140,8 @@ def _begin(shard: Shard, serial: int, base: int | None, how: str,
 def save_shard(shard: Shard, storage: Storage, serial: int,
                base: int | None = None) -> Part:
     """Write this pserver's part of checkpoint `serial` (a blocking save: nothing changes
-    meanwhile, the barrier holds every trainer, so the live arrays are written).
-
-    Fault injection for tests: PSRT_FAULT_SAVE_SLEEP_S=x sleeps x seconds in the middle
-    of the save (after the first files are written), so a test can kill it there;
-    PSRT_FAULT_SAVE_ENOSPC=serial makes that serial's save fail there as a full disk would.
-    """
+    meanwhile, the barrier holds every trainer, so the live arrays are written). Faults of
+    the store for tests come from `checkpoint.faults` (ckpt.faulty)."""
     started = time.perf_counter()
     if base is not None:  # a delta: the changed rows are copied, then written unlocked
         part = _write(shard, _begin(shard, serial, base, "copy"), storage, serial,
@@ -248,17 +243,6 @@ def _lower_priority(priority: str) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux, or not allowed: write as it is
         pass
-
-
-def _fault(serial: int) -> Callable[[], None] | None:
-    """The fault injected in the middle of a save, if the environment asks for one."""
-    pause = float(os.environ.get("PSRT_FAULT_SAVE_SLEEP_S", "0") or 0)
-    full = os.environ.get("PSRT_FAULT_SAVE_ENOSPC", "")
-    if full and int(full) == serial:
-        def fail() -> None:
-            raise OSError(errno.ENOSPC, f"No space left on device (injected, checkpoint_{serial})")
-        return fail
-    return (lambda: time.sleep(pause)) if pause else None
 
 
 def job_facts(shard_or_config: Shard) -> dict:

@@ -18,6 +18,25 @@ from trainer.demo import demo_job, dump_toml
 
 MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden": [8],
          "use_fm": True, "use_wide": True, "use_numeric": True}
+# the file each pserver writes midway through its part (after emb_0's index)
+MIDWAY = "*/__lockup_table__/table_pserver_*/emb_0.values"
+
+
+def slow_saves(seconds: float) -> list[dict]:
+    """checkpoint.faults: every pserver's save waits `seconds` midway, so that a test can
+    kill a process there (or later triggers come while it is written)."""
+    return [{"kind": "slow", "seconds": seconds, "op": "write", "path": MIDWAY}]
+
+
+def full_disk(serial: int) -> list[dict]:
+    """checkpoint.faults: the pservers' part of checkpoint `serial` fails midway, as on a
+    full disk."""
+    return [{"kind": "enospc", "op": "write", "path": f"checkpoint_{serial}/{MIDWAY[2:]}"}]
+
+
+def without_faults(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a job run again without the faults of its job file."""
+    return {**env, "PSRT_CHECKPOINT__FAULTS": "[]"}
 
 
 def write_job(data_dir: Path, workdir: Path, ckdir: Path, num_pservers: int = 2,

@@ -16,7 +16,17 @@ import pytest
 
 from ckpt import layout, reader
 from ckpt.local import LocalStorage
-from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, run_to_end, write_job
+from tests.e2e.jobs import (
+    assert_identical,
+    final_state,
+    full_disk,
+    launch,
+    pid_of,
+    run_to_end,
+    slow_saves,
+    without_faults,
+    write_job,
+)
 from tests.helpers import python_env
 
 
@@ -48,9 +58,9 @@ def test_layout_and_counters_match_the_guide(data_dir: Path, tmp_path: Path,
 def test_background_saves_end_like_blocking_ones(data_dir: Path, tmp_path: Path,
                                                   reference: dict) -> None:
     ckdir = tmp_path / "ckpt"
-    env = python_env()
-    env["PSRT_FAULT_SAVE_SLEEP_S"] = "0.3"  # writes outlast a few steps: some triggers skip
-    out = run_to_end(write_job(data_dir, tmp_path, ckdir, background=True), env=env)
+    # writes outlast a few steps: some triggers skip
+    out = run_to_end(write_job(data_dir, tmp_path, ckdir, background=True,
+                               faults=slow_saves(0.3)))
     assert "copied; committing in the background" in out
     assert "still being written; skipping the save" in out
     assert_identical(final_state(ckdir), reference)
@@ -90,11 +100,10 @@ def test_sigkill_ends_bit_identical(data_dir: Path, tmp_path: Path, reference: d
     job and running it again resumes it."""
     ckdir = tmp_path / "ckpt"
     job = write_job(data_dir, tmp_path, ckdir, background=background,
-                    recovery=None if heal else {"max_restarts": 0})
-    env = python_env()
+                    recovery=None if heal else {"max_restarts": 0},
+                    faults=slow_saves(3) if moment == "save" else [])
     rng = np.random.default_rng(zlib.crc32(f"{role}{ident}{moment}{background}".encode()))
     if moment == "save":
-        env["PSRT_FAULT_SAVE_SLEEP_S"] = "3"
         target = re.compile(r"writing checkpoint_(\d+)")
         # the serial to die in the middle of (background: later triggers are skipped while
         # serial 0 is written, so serial 1 is the final checkpoint)
@@ -102,7 +111,7 @@ def test_sigkill_ends_bit_identical(data_dir: Path, tmp_path: Path, reference: d
     else:
         target = re.compile(r"trainer\[0\] epoch (\d+) step (\d+)/")
         at = int(rng.integers(3, 19))  # a global step to die at (of 20)
-    p = launch(job, env=env)
+    p = launch(job)
     seen = 0
     for line in p.stdout:
         m = target.search(line)
@@ -130,7 +139,8 @@ def test_sigkill_ends_bit_identical(data_dir: Path, tmp_path: Path, reference: d
     else:
         p.communicate(timeout=120)
         assert p.returncode != 0
-        out = run_to_end(job)  # restart the whole job: it resumes and runs to the end
+        # restart the whole job: it resumes and runs to the end
+        out = run_to_end(job, env=without_faults(python_env()))
         assert "restored checkpoint_" in out
     assert_identical(final_state(ckdir), reference)
     if moment == "save":  # the torn checkpoint was never restored
@@ -253,11 +263,11 @@ def test_restore_onto_a_different_number_of_pservers(data_dir: Path, tmp_path: P
 def test_a_save_that_hits_a_full_disk_fails_cleanly_and_training_goes_on(
         data_dir: Path, tmp_path: Path) -> None:
     ckdir = tmp_path / "ckpt"
-    job = write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1, max_num_checkpoints=100)
-    env = python_env()
-    env["PSRT_FAULT_SAVE_ENOSPC"] = "2"
+    job = write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1, max_num_checkpoints=100,
+                    faults=full_disk(2))
     r = subprocess.run([sys.executable, "-m", "trainer", "--standalone", "--config", str(job)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=python_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert "checkpoint_2 failed and was not committed: pserver[0]:" in r.stderr
     assert "No space left on device" in r.stderr and "training goes on" in r.stderr

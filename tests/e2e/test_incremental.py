@@ -15,7 +15,17 @@ import pytest
 
 from ckpt import reader
 from ckpt.local import LocalStorage
-from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, run_to_end, write_job
+from tests.e2e.jobs import (
+    assert_identical,
+    final_state,
+    full_disk,
+    launch,
+    pid_of,
+    run_to_end,
+    slow_saves,
+    without_faults,
+    write_job,
+)
 from tests.helpers import python_env
 
 
@@ -56,10 +66,8 @@ def test_sigkill_in_the_middle_of_a_delta_save_restores_bit_identical(
     chain; else the job stops and running it again restores the chain."""
     ckdir = tmp_path / "ckpt"
     job = write_job(data_dir, tmp_path, ckdir, full_every=3,
-                    recovery=None if heal else {"max_restarts": 0})
-    env = python_env()
-    env["PSRT_FAULT_SAVE_SLEEP_S"] = "3"
-    p = launch(job, env=env)
+                    recovery=None if heal else {"max_restarts": 0}, faults=slow_saves(3))
+    p = launch(job)
     target = re.compile(r"writing checkpoint_(\d+) \(delta of checkpoint_(\d+)\)")
     for line in p.stdout:
         m = target.search(line)
@@ -75,7 +83,7 @@ def test_sigkill_in_the_middle_of_a_delta_save_restores_bit_identical(
         assert "rolled back from global step" in out
     else:
         assert p.returncode != 0
-        out = run_to_end(job)
+        out = run_to_end(job, env=without_faults(python_env()))
     # the torn delta was skipped; every pserver loaded the chain
     assert out.count(f"restored checkpoint_{serial - 1} (chain ") >= 2, out[-3000:]
     assert_identical(final_state(ckdir), reference)
@@ -96,10 +104,8 @@ def test_a_delta_after_a_failed_save_holds_its_rows(data_dir: Path, tmp_path: Pa
     _standalone(write_job(data_dir, ref, ref / "ckpt", 1, 1, epochs=1))
     ckdir = tmp_path / "inc" / "ckpt"
     job = write_job(data_dir, tmp_path / "inc", ckdir, 1, 1, epochs=1, full_every=3,
-                    max_num_checkpoints=100)
-    env = python_env()
-    env["PSRT_FAULT_SAVE_ENOSPC"] = "2"
-    r = _standalone(job, env)
+                    max_num_checkpoints=100, faults=full_disk(2))
+    r = _standalone(job)
     assert "checkpoint_2 failed and was not committed" in r.stderr
     m3 = reader.load_manifest(LocalStorage(ckdir), 3)
     assert (m3.kind, m3.base) == ("delta", 1)

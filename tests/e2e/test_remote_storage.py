@@ -17,7 +17,15 @@ from ckpt import layout, lock, reader
 from ckpt.__main__ import main as ckpt_main
 from ckpt.backends import open_storage
 from ckpt.local import LocalStorage
-from tests.e2e.jobs import assert_identical, final_state, launch, pid_of, write_job
+from tests.e2e.jobs import (
+    assert_identical,
+    final_state,
+    launch,
+    pid_of,
+    slow_saves,
+    without_faults,
+    write_job,
+)
 from tests.helpers import python_env
 from tests.s3 import CREDS, options, save
 
@@ -93,8 +101,8 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
     url = f"s3://{bucket}/jobs/demo"
     job = write_job(data_dir, tmp_path / "s3", url, epochs=1,  # type: ignore[arg-type]
                     storage_options={"endpoint_url": endpoint},
-                    recovery=None if heal else {"max_restarts": 0})
-    p = launch(job, env={**python_env(), **CREDS, "PSRT_FAULT_SAVE_SLEEP_S": "2"})
+                    recovery=None if heal else {"max_restarts": 0}, faults=slow_saves(2))
+    p = launch(job, env={**python_env(), **CREDS})
     at = 2
     for line in p.stdout:
         m = re.search(r"writing checkpoint_(\d+)", line)
@@ -114,7 +122,7 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
         assert p.returncode != 0
         torn = [e for e in reader.entries(storage) if e.serial == at]
         assert torn and not torn[0].complete  # on S3, parts of it, without _SUCCESS
-        p = launch(job, env={**python_env(), **CREDS})
+        p = launch(job, env=without_faults({**python_env(), **CREDS}))
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out
     assert f"restored checkpoint_{at - 1}" in out and f"restored checkpoint_{at}" not in out

@@ -85,15 +85,16 @@ def test_generation_and_recoveries_can_be_set(cluster_factory: Any) -> None:
 
 
 def test_checkpoint_metrics_count_saves_commits_and_a_failure(
-        data: Path, tmp_path: Path, cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        data: Path, tmp_path: Path, cluster_factory: Any) -> None:
     from trainer.loop import Trainer
 
-    monkeypatch.setenv("PSRT_FAULT_SAVE_ENOSPC", "1")  # checkpoint_1 fails: a full disk
     doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 1, 1, 1,
                    {"kind": "lr", "use_numeric": True})
     doc["trainer"].update(batch_size=256, progress="off")
     doc["checkpoint"].update(checkpoint_dir=str(tmp_path / "ck"), step_interval=2,
-                             max_num_checkpoints=100)
+                             max_num_checkpoints=100,  # checkpoint_1 fails: a full disk
+                             faults=[{"kind": "enospc", "op": "write",
+                                      "path": "checkpoint_1/__lockup_table__/*"}])
     doc["metrics"] = {"port": 0, "curves_dir": str(tmp_path / "curves")}
     cluster = cluster_factory(cfg.build(doc))
     trainer = Trainer(cluster.config, 0)
