@@ -37,7 +37,13 @@ def _restorable(by_serial: dict[int, Entry], serial: int) -> bool:
 
 def rotate(storage: Storage, keep: int) -> list[int]:
     """Delete complete checkpoints beyond the newest `keep`, and incomplete leftovers older
-    than the newest complete one; returns the deleted serials. The bases that the kept
+    than the newest complete one; returns the deleted serials (`plan`, then `remove`)."""
+    return remove(storage, plan(storage, keep))
+
+
+def plan(storage: Storage, keep: int) -> list[int]:
+    """The serials rotation deletes: complete checkpoints beyond the newest `keep`, and
+    incomplete leftovers older than the newest complete one. The bases that the kept
     deltas (and the newest restorable checkpoint) need stay. Entries newer than the newest
     complete checkpoint are left alone (a save may be writing them)."""
     if keep < 1:
@@ -53,9 +59,12 @@ def rotate(storage: Storage, keep: int) -> list[int]:
     if restorable:
         kept.add(max(restorable))
     kept = needed(by_serial, kept)
-    doomed = [e.serial for e in all_entries
-              if e.serial < newest and e.serial not in kept]
-    for serial in doomed:
+    return [e.serial for e in all_entries if e.serial < newest and e.serial not in kept]
+
+
+def remove(storage: Storage, serials: list[int]) -> list[int]:
+    """Delete these checkpoints (oldest first); returns them."""
+    for serial in sorted(serials):
         storage.remove_tree(layout.checkpoint_name(serial))
         log.info("removed %s from %s", layout.checkpoint_name(serial), storage.root)
-    return doomed
+    return sorted(serials)

@@ -104,7 +104,10 @@ def write_shard(storage: Storage, serial: int, pserver_id: int,
             files.append(storage.write_array(base, layout.dense_file(name, array), arr,
                                              fsync=False))
     storage.fsync([f"{base}/{f.path}" for f in files])
-    storage.fsync_dir(f"{base}/{layout.shard_dir(pserver_id)}")
+    # the directories that gained an entry: the shard's own, its place in the tables', and
+    # the dense state's (the checkpoint's own: the commit, before _SUCCESS)
+    _fsync_dirs(storage, base, [layout.shard_dir(pserver_id), layout.TABLES_DIR,
+                                *([layout.MODEL_DIR] if dense_state else [])])
     return Part("pserver", pserver_id, files, {"rows": rows, **(facts or {})})
 
 
@@ -123,15 +126,27 @@ def write_trainer(storage: Storage, serial: int, trainer_id: int, epoch_id: int,
     ]
     for name, value in (dense_values or {}).items():
         files.append(storage.write_array(base, layout.dense_file(name), value))
+    _fsync_dirs(storage, base, [layout.trainer_dir(trainer_id),
+                                *([layout.MODEL_DIR] if dense_values else [])])
     facts = {"epoch_id": epoch_id, "step_id": step_id,
              "global_step": int(reader_state.get("global_step", 0))}
     return Part("trainer", trainer_id, files, facts)
 
 
 def commit(storage: Storage, manifest: Manifest) -> None:
-    """Write MANIFEST.json then _SUCCESS, durably: the commit point."""
+    """Write MANIFEST.json then _SUCCESS, durably: the commit point. Every directory that
+    gained an entry is durable before _SUCCESS is written (the parts' own directories by
+    their writers; the checkpoint's and checkpoint_dir's here), and _SUCCESS's entry
+    before this returns."""
     base = layout.checkpoint_name(manifest.serial)
     storage.write_bytes(base, layout.MANIFEST, manifest.to_json().encode())
+    _fsync_dirs(storage, base, ["", None])
     storage.write_bytes(base, layout.SUCCESS, f"{manifest.serial}\n".encode())
-    storage.fsync_dir(base)
-    storage.fsync_dir("")
+    _fsync_dirs(storage, base, ["", None])
+
+
+def _fsync_dirs(storage: Storage, base: str, rels: list[str | None]) -> None:
+    """fsync these directories of checkpoint `base` ("": base itself; None:
+    checkpoint_dir), in order."""
+    for rel in rels:
+        storage.fsync_dir("" if rel is None else f"{base}/{rel}" if rel else base)

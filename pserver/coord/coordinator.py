@@ -321,41 +321,59 @@ class Coordinator:
             done = len(self._parts) + len(self._failures)
             if done < self.config.num_pservers + self.config.num_trainers:
                 return
-            parts, failures, final = list(self._parts.values()), list(self._failures), \
-                self._final
-            base = self._base
-        outcome = self._finish(serial, parts, failures, final, base)
+            # the commit and the choice of what rotation deletes happen under the lock, so
+            # that a rollback (which picks its checkpoint under it too) sees before or after
+            outcome, doomed = self._commit(serial, list(self._parts.values()),
+                                           list(self._failures))
+            self._settle(serial, outcome)
         self.metrics.checkpoint_outcome(serial, outcome)
-        with self._cond:
-            if serial != self._serial:  # abandoned by a rollback meanwhile
-                return
-            if outcome is None:  # the base of the next delta
-                self._committed = (serial, self._committed[1] + 1 if base >= 0 else 0)
-            elif self._missing_base:  # a pserver lacks the base: the next save is full
-                self._committed = (self._committed[0], self.ckpt.full_every)
-            self._outcome[serial] = outcome
-            self._serial, self._round = None, {}
-            if outcome is None and final:
-                self.members.done = True  # and a process starting again restores this
-                self.restore_serial = serial
-            self._cond.notify_all()
+        self._rotate(serial, doomed)
 
-    def _finish(self, serial: int, parts: list[Part], failures: list[str],
-                final: bool, base: int) -> str | None:
+    def _commit(self, serial: int, parts: list[Part],
+                failures: list[str]) -> tuple[str | None, list[int]]:
+        """(Under the lock.) Write the manifest and _SUCCESS; (None, the serials rotation
+        deletes now), or (why the checkpoint failed, [])."""
         if failures:
             msg = f"checkpoint_{serial} failed and was not committed: " + "; ".join(failures)
             log.error("coordinator: %s", msg)
-            return msg
+            return msg, []
         try:
             started = time.perf_counter()
-            manifest = merge(serial, self.facts, parts, final=final, base=base)
+            manifest = merge(serial, self.facts, parts, final=self._final, base=self._base)
             writer.commit(self.storage, manifest)
-            removed = retention.rotate(self.storage, self.ckpt.max_num_checkpoints)
         except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
             log.exception("coordinator: committing checkpoint_%d failed", serial)
-            return f"checkpoint_{serial} failed and was not committed: {e}"
-        log.info("coordinator: committed checkpoint_%d (step %d, %.1f MB, commit %.2fs)%s",
+            return f"checkpoint_{serial} failed and was not committed: {e}", []
+        log.info("coordinator: committed checkpoint_%d (step %d, %.1f MB, commit %.2fs)",
                  serial, manifest.global_step, manifest.total_bytes / 1e6,
-                 time.perf_counter() - started,
-                 f"; removed {removed}" if removed else "")
+                 time.perf_counter() - started)
+        try:
+            return None, retention.plan(self.storage, self.ckpt.max_num_checkpoints)
+        except Exception as e:  # noqa: BLE001 - committed all the same
+            log.warning("coordinator: checkpoint_%d is committed; its rotation failed: %s",
+                        serial, e)
+            return None, []
+
+    def _settle(self, serial: int, outcome: str | None) -> None:
+        """(Under the lock.) The save is over: the base of the next one, the outcome the
+        trainers hear, and, for the final checkpoint, what a restarted process restores."""
+        if outcome is None:  # the base of the next delta
+            self._committed = (serial, self._committed[1] + 1 if self._base >= 0 else 0)
+        elif self._missing_base:  # a pserver lacks the base: the next save is full
+            self._committed = (self._committed[0], self.ckpt.full_every)
+        self._outcome[serial] = outcome
+        self._serial, self._round = None, {}
+        if outcome is None and self._final:
+            self.members.done = True  # and a process starting again restores this
+            self.restore_serial = serial
+        self._cond.notify_all()
+
+    def _rotate(self, serial: int, doomed: list[int]) -> None:
+        """Delete what rotation chose when `serial` was committed (outside the lock: the
+        newest complete checkpoint is never among them, so no rollback restores one)."""
+        try:
+            retention.remove(self.storage, doomed)
+        except Exception as e:  # noqa: BLE001 - the checkpoint is committed all the same
+            log.warning("coordinator: checkpoint_%d is committed; its rotation failed: %s",
+                        serial, e)
         return None

@@ -1,0 +1,143 @@
+"""Commits are durable and atomic: every directory that gained an entry is synced before
+_SUCCESS, a rollback never picks a checkpoint that rotation is deleting, and a rotation
+that fails after _SUCCESS leaves a committed checkpoint (a coordinator in this process, a
+store with faults)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt import layout, reader, writer
+from ckpt.faulty import reset
+from ckpt.local import LocalStorage
+from ckpt.manifest import Part, merge
+from ckpt.storage import FileEntry
+from pserver.coord.coordinator import Coordinator
+from pserver.tables import persist
+from pserver.tables.shard import Shard
+from tests.helpers import job
+from tests.unit.shards import train
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts() -> Iterator[None]:
+    reset()
+    yield
+    reset()
+
+
+class Recording(LocalStorage):
+    """A local directory that records every write and directory sync, in order."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.events: list[tuple[str, str]] = []
+
+    def write_bytes(self, base: str, rel: str, data: bytes) -> FileEntry:
+        self.events.append(("write", f"{base}/{rel}" if base else rel))
+        return super().write_bytes(base, rel, data)
+
+    def open_array(self, base: str, rel: str, *args, **kw):  # noqa: ANN002, ANN003, ANN201
+        self.events.append(("write", f"{base}/{rel}"))
+        return super().open_array(base, rel, *args, **kw)
+
+    def fsync_dir(self, rel: str) -> None:
+        self.events.append(("fsync_dir", rel))
+        super().fsync_dir(rel)
+
+
+def test_every_directory_that_gained_an_entry_is_synced_before_success(
+        tmp_path: Path) -> None:
+    config = job(1, mode="async", num_trainers=2)
+    shard = Shard(config, 0)
+    train([shard], np.arange(3000, dtype=np.uint64), 0)
+    storage = Recording(tmp_path)
+    pserver = persist.save_shard(shard, storage, 5)
+    dense = {n: v.value for n, v in shard.dense.items()}
+    trainers = [writer.write_trainer(storage, 5, j, 0, 3, {"global_step": 3},
+                                     dense if j == 0 else None) for j in range(2)]
+    manifest = merge(5, persist.job_facts(shard), [pserver, *trainers])
+    writer.commit(storage, manifest)
+    events = storage.events
+    success = events.index(("write", "checkpoint_5/_SUCCESS"))
+    paths = [f"checkpoint_5/{p}" for p in manifest.files] + ["checkpoint_5/MANIFEST.json"]
+    for path in paths:  # every ancestor directory, checkpoint_dir ("") included
+        parts = path.split("/")
+        for depth in range(len(parts) - 1, -1, -1):
+            directory, child = "/".join(parts[:depth]), "/".join(parts[:depth + 1])
+            made = next(i for i, (kind, p) in enumerate(events)
+                        if kind == "write" and (p == child or p.startswith(child + "/")))
+            synced = [i for i, e in enumerate(events) if e == ("fsync_dir", directory)]
+            assert any(made < i < success for i in synced), \
+                f"{directory or '.'} gained {child} but was not synced before _SUCCESS"
+    assert ("fsync_dir", "checkpoint_5") in events[success:]  # _SUCCESS's own entry
+    assert ("fsync_dir", "") in events[success:]
+
+
+def coordinator(tmp_path: Path, faults: list[dict], keep: int = 3) -> tuple[Coordinator, Shard]:
+    config = job(1, checkpoint={"checkpoint_dir": str(tmp_path), "faults": faults,
+                                "max_num_checkpoints": keep},
+                 recovery={"heartbeat_s": 0.2, "liveness_timeout_s": 60.0})
+    shard = Shard(config, 0)
+    storage = config.checkpoint.storage()
+
+    def save_shard(_pserver: int, serial: int, base: int) -> Part:
+        return persist.save_shard(shard, storage, serial, base if base >= 0 else None)
+
+    coord = Coordinator(config, config.checkpoint, persist.job_facts(shard), save_shard,
+                        watch=False)
+    coord.join_pserver(0, "in-process", "first")
+    coord.ready(0, -1)
+    coord.join_trainer(0, 5)
+    return coord, shard
+
+
+def save(coord: Coordinator, shard: Shard, step: int) -> int:
+    serial = coord.barrier(0, step, 0, step, False, 5)
+    dense = {n: v.value for n, v in shard.dense.items()}
+    part = writer.write_trainer(coord.storage, serial, 0, 0, step, {"global_step": step}, dense)
+    return coord.commit(0, serial, part, None, 30)
+
+
+def test_a_failed_rotation_leaves_a_committed_checkpoint(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    coord, shard = coordinator(tmp_path, [{"kind": "eio", "op": "remove"}], keep=1)
+    try:
+        assert save(coord, shard, 1) == 0
+        with caplog.at_level(logging.WARNING, logger="pserver.coord.coordinator"):
+            assert save(coord, shard, 2) == 1  # committed, though checkpoint_0 stays
+        assert "checkpoint_1 is committed; its rotation failed" in caplog.text
+        assert reader.newest_complete(LocalStorage(tmp_path)).serial == 1
+        assert (tmp_path / "checkpoint_0").exists()
+    finally:
+        coord.close()
+
+
+def test_a_rollback_during_a_commit_restores_what_the_commit_leaves(tmp_path: Path) -> None:
+    """max_num_checkpoints = 1: the commit of checkpoint_1 deletes checkpoint_0. A rollback
+    that comes while _SUCCESS is being written must not pick checkpoint_0."""
+    slow = {"kind": "slow", "seconds": 1.0, "op": "write", "path": "checkpoint_1/_SUCCESS"}
+    coord, shard = coordinator(tmp_path, [slow], keep=1)
+    try:
+        assert save(coord, shard, 1) == 0
+        serial = coord.barrier(0, 2, 0, 2, False, 5)
+        dense = {n: v.value for n, v in shard.dense.items()}
+        part = writer.write_trainer(coord.storage, serial, 0, 0, 2, {"global_step": 2}, dense)
+        committing = threading.Thread(target=lambda: coord.commit(0, serial, part, None, 30))
+        committing.start()
+        time.sleep(0.3)  # in the middle of writing _SUCCESS
+        coord.join_pserver(0, "in-process", "restarted")  # the pserver restarted: roll back
+        committing.join(30)
+        restore = coord.restore_serial
+        assert restore == 1, f"the rollback picked checkpoint_{restore}"
+        assert reader.newest_complete(LocalStorage(tmp_path)).serial == 1
+        assert not (tmp_path / layout.checkpoint_name(0)).exists()
+    finally:
+        coord.close()
