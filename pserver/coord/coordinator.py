@@ -325,9 +325,11 @@ class Coordinator:
             # that a rollback (which picks its checkpoint under it too) sees before or after
             outcome, doomed = self._commit(serial, list(self._parts.values()),
                                            list(self._failures))
-            self._settle(serial, outcome)
+        self._rotate(serial, doomed)  # before the trainers hear: done when the job ends
         self.metrics.checkpoint_outcome(serial, outcome)
-        self._rotate(serial, doomed)
+        with self._cond:
+            if serial == self._serial:  # (else a rollback abandoned it meanwhile)
+                self._settle(serial, outcome)
 
     def _commit(self, serial: int, parts: list[Part],
                 failures: list[str]) -> tuple[str | None, list[int]]:
@@ -369,8 +371,8 @@ class Coordinator:
         self._cond.notify_all()
 
     def _rotate(self, serial: int, doomed: list[int]) -> None:
-        """Delete what rotation chose when `serial` was committed (outside the lock: the
-        newest complete checkpoint is never among them, so no rollback restores one)."""
+        """Delete what rotation chose when `serial` was committed (outside the lock: they
+        are older than the newest complete checkpoint, which a rollback restores)."""
         try:
             retention.remove(self.storage, doomed)
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed all the same

@@ -20,6 +20,7 @@ from ckpt.local import LocalStorage
 from ckpt.manifest import Part, merge
 from ckpt.storage import FileEntry
 from pserver.coord.coordinator import Coordinator
+from pserver.errors import Unavailable
 from pserver.tables import persist
 from pserver.tables.shard import Shard
 from tests.helpers import job
@@ -130,13 +131,22 @@ def test_a_rollback_during_a_commit_restores_what_the_commit_leaves(tmp_path: Pa
         serial = coord.barrier(0, 2, 0, 2, False, 5)
         dense = {n: v.value for n, v in shard.dense.items()}
         part = writer.write_trainer(coord.storage, serial, 0, 0, 2, {"global_step": 2}, dense)
-        committing = threading.Thread(target=lambda: coord.commit(0, serial, part, None, 30))
+        heard: list = []
+
+        def commit() -> None:
+            try:
+                heard.append(coord.commit(0, serial, part, None, 30))
+            except Unavailable as e:  # the rollback came before the trainer was told
+                heard.append(e)
+
+        committing = threading.Thread(target=commit)
         committing.start()
         time.sleep(0.3)  # in the middle of writing _SUCCESS
         coord.join_pserver(0, "in-process", "restarted")  # the pserver restarted: roll back
         committing.join(30)
         restore = coord.restore_serial
         assert restore == 1, f"the rollback picked checkpoint_{restore}"
+        assert heard and (heard[0] == 1 or "rolling back" in str(heard[0]))
         assert reader.newest_complete(LocalStorage(tmp_path)).serial == 1
         assert not (tmp_path / layout.checkpoint_name(0)).exists()
     finally:
