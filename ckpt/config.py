@@ -47,6 +47,12 @@ def _bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
 
 
+def _seconds(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+        return f"expected a number of seconds > 0, got {v!r}"
+    return None
+
+
 def _duty(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
         return f"expected a number in (0, 1], got {v!r}"
@@ -73,7 +79,8 @@ def _faults(v: Any) -> str | None:
 
 # the order the fields are checked in (a value that breaks two rules names the first)
 _CHECK_ORDER = ("checkpoint_dir", "max_num_checkpoints", "epoch_interval", "step_interval",
-                "full_every", "background", "background_duty", "background_priority", "faults")
+                "full_every", "background", "background_duty", "background_priority",
+                "lock_lease_s", "faults")
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,9 @@ class CheckpointConfig:
                                     "where something keeps every core busy the write waits), "
                                     "\"low\" (nice 19) or \"normal\" (the pserver's own)",
                                     _priority)
+    lock_lease_s: float = _key(30.0, "the checkpoint lock's lease: the coordinator renews it "
+                               "every third of this; another run of the job may take the lock "
+                               "once it was not renewed for this long (ckpt/lock.py)", _seconds)
     faults: tuple = _key((), "store faults to inject, for tests and drills (`ckpt/faulty.py`): "
                          "a list of tables {kind = \"slow\"|\"enospc\"|\"eio\"|\"torn\"|"
                          "\"damage\"|\"vanish\", op, path, after, times, seconds}; empty: none",

@@ -43,7 +43,31 @@ class LocalStorage(Storage):
         return sorted(os.listdir(p)) if p.is_dir() else []
 
     def makedirs(self, rel: str) -> None:
-        self.path(rel).mkdir(parents=True, exist_ok=True)
+        self._mkdirs(self.path(rel))
+
+    def _mkdirs(self, path: Path) -> None:
+        """Make `path` and its parents below the root, never the root itself: a
+        checkpoint_dir that vanished after start (a lost mount) stays missing, and the
+        write fails with FileNotFoundError instead of landing in a fresh directory."""
+        if path != self.root:
+            try:
+                path.mkdir(exist_ok=True)  # its parent is there: the common case
+                return
+            except FileNotFoundError:
+                pass
+        if not self.root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, f"{self.root} is gone (checkpoint_dir is "
+                                    f"not made again after start)")
+        at = self.root
+        for part in path.relative_to(self.root).parts:
+            at = at / part
+            try:
+                at.mkdir()
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"{self.root} is gone (checkpoint_dir "
+                                        f"is not made again after start)") from None
 
     def read_bytes(self, rel: str) -> bytes:
         return self.path(rel).read_bytes()
@@ -94,7 +118,7 @@ class LocalStorage(Storage):
     def write_bytes(self, base: str, rel: str, data: bytes) -> FileEntry:
         """Write a small file durably; `rel` is relative to checkpoint dir `base`."""
         target = self.path(join(base, rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(target.parent)
         with open(target, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,7 +129,7 @@ class LocalStorage(Storage):
     def open_array(self, base: str, rel: str, dtype: np.dtype, shape: tuple[int, ...],
                    fsync: bool = True) -> Iterator[ArrayWriter]:
         target = self.path(join(base, rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(target.parent)
         with DirectFile(target) as f:
             yield ArrayWriter(f, rel, dtype, shape)
             if fsync:

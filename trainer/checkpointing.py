@@ -143,7 +143,9 @@ class Checkpointer:
             return None
         part, error = None, None
         try:
-            dense = self.client.pull_dense(step=step if self.sync else 0) \
+            # under the save's deadline: a pserver may hold these while it writes its shard
+            dense = self.client.pull_dense(step=step if self.sync else 0,
+                                           deadline=self.timeout) \
                 if self.trainer_id == 0 else None
             part = writer.write_trainer(self.storage, serial, self.trainer_id, epoch_id,
                                         step_id, self.counters.counters(), dense)

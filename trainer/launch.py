@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,14 @@ def _stop(children: list[Child], grace: float) -> None:
         c.pump.join(2)
 
 
+class ChildFailed(RuntimeError):
+    """A child exited while the job was starting; `code` is its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _wait_ready(children: list[Child], files: list[Path], timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     addrs: list[str | None] = [None] * len(files)
@@ -115,7 +124,8 @@ def _wait_ready(children: list[Child], files: list[Path], timeout: float) -> lis
             return [a for a in addrs if a]
         for c in children:
             if c.proc.poll() is not None:
-                raise RuntimeError(f"{c.role} exited with code {c.proc.returncode} while starting")
+                raise ChildFailed(f"{c.role} exited with code {c.proc.returncode} while "
+                                  f"starting", c.proc.returncode)
         time.sleep(0.05)
     raise RuntimeError(f"pservers not ready within {timeout:.0f}s")
 
@@ -125,7 +135,10 @@ def launch(config_path: Path, overrides: list[str], workdir: Path) -> int:
     overrides = [*overrides, *launch_overrides(pscfg.load(config_path, overrides), workdir)]
     job = pscfg.load(config_path, overrides)
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # one run id for every process of this launch and their restarts (the checkpoint lock)
+    run_id = job.run_id or f"r{uuid.uuid4().hex[:12]}"
+    print(f"launch: job {job.name!r}, run {run_id}", file=sys.stderr)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PSRT_JOB__RUN_ID=run_id)
     base = ["--config", str(config_path), *[x for o in overrides for x in ("--set", o)]]
     children: list[Child] = []
     interrupted = threading.Event()
@@ -208,6 +221,9 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return launch(config_path, args.set, workdir)
+    except ChildFailed as e:  # 2: refused (bad config, a checkpoint_dir another run holds)
+        print(f"launch: {e}", file=sys.stderr)
+        return e.code if e.code in (2, JOB_FAILED) else 1
     except RuntimeError as e:
         print(f"launch: {e}", file=sys.stderr)
         return 1

@@ -49,6 +49,12 @@ def _addresses(v: tuple[str, ...]) -> str | None:
     return None
 
 
+def _run_id(v: str) -> str | None:
+    if len(v) > 128 or not all(c.isalnum() or c in "-_.:" for c in v):
+        return f"expected up to 128 letters, digits or -_.:, got {v!r}"
+    return None
+
+
 def _shape(v: tuple[int, ...]) -> str | None:
     if not v or any(d <= 0 for d in v):
         return f"must be a non-empty list of positive integers, got {list(v)!r}"
@@ -229,6 +235,11 @@ class JobConfig:
 
     SECTION: ClassVar[str] = "job"
     name: str = setting("psrt-job", "job id: names the job in logs and in the checkpoint lock")
+    run_id: str = setting("", "names one run of the job in the checkpoint lock: the same for "
+                          "every process of a launch and its restarts, another for the next "
+                          "launch (the launcher makes one; set it per deployment, e.g. as "
+                          "PSRT_JOB__RUN_ID, never in a job file shared by runs); empty: one "
+                          "per process", _run_id)
     mode: str = setting("sync", "sync: apply step s once all trainers pushed it; async: apply "
                         "each push on arrival", one_of(*MODES))
     seed: int = setting(0, "seed of every random draw (tables, dense init, data order)")

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ckpt import CheckpointConfig, lock, reader, retention, writer
 from ckpt.manifest import Manifest, Part, merge
+from ckpt.storage import shown
 from pserver.config import JobConfig
 from pserver.coord.membership import Membership
 from pserver.errors import (
@@ -49,12 +50,18 @@ class Coordinator:
         self.config, self.ckpt, self.facts = config, ckpt, facts
         self.metrics = NULL  # a pserver's ServerMetrics when it watches this coordinator
         self.storage = ckpt.storage()
-        self.holder = lock.acquire(self.storage, config.name)
+        self.holder = lock.acquire(self.storage, config.name, config.run_id,
+                                   ckpt.lock_lease_s)
+        self._lease = threading.Lock()  # one renewal at a time (the keeper's, a commit's)
+        self._lease_stop = threading.Event()
+        self.lock_lost: str | None = None
         started = time.perf_counter()
         manifest = reader.newest_complete(self.storage, deep=True)
         self.verify_seconds = time.perf_counter() - started
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
+        # the newest checkpoint committed or restored: a listing without it is an outage
+        self.newest_known = self.restore_serial
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
         # the base of the next delta and how many deltas it is past a full checkpoint
         self._committed = self._restored_chain(manifest)
@@ -75,8 +82,10 @@ class Coordinator:
         self._abandoned: set[int] = set()  # serials given up by a rollback
         self._pool = ThreadPoolExecutor(max(1, config.num_pservers), "coordinator-save")
         what = f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)"
-        log.info("coordinator: %s locked for job %r; restoring %s (verified in %.2fs)",
-                 self.storage.root, config.name, what, self.verify_seconds)
+        log.info("coordinator: %s locked for job %r (run %s); restoring %s (verified in "
+                 "%.2fs)", self.storage.root, config.name, self.holder["run"], what,
+                 self.verify_seconds)
+        threading.Thread(target=self._keep_lease, name="coordinator-lease", daemon=True).start()
         if watch:
             self.members.start_watch()
 
@@ -86,7 +95,44 @@ class Coordinator:
 
     def close(self) -> None:
         self.members.stop()
+        self._lease_stop.set()
         self._pool.shutdown(wait=False)
+        with self._lease:
+            if self.lock_lost is None:
+                lock.release(self.storage, self.holder)
+
+    # ---- the lock's lease ---------------------------------------------------
+
+    def _keep_lease(self) -> None:
+        every = self.ckpt.lock_lease_s / 3
+        while not self._lease_stop.wait(every):
+            try:
+                self._renew()
+            except lock.LockLost:
+                return
+            except Exception as e:  # noqa: BLE001 - an outage: the commits check it too
+                log.warning("coordinator: cannot renew the lease of the lock on %s: %s",
+                            self.storage.root, e)
+
+    def _renew(self) -> None:
+        """Renew the lease; LockLost (the job fails) if another run took the lock."""
+        with self._lease:
+            if self.lock_lost is not None:
+                raise lock.LockLost(self.lock_lost)
+            try:
+                self.holder = lock.renew(self.storage, self.holder)
+            except lock.LockLost as e:
+                self.lock_lost = str(e)
+            else:
+                return
+        with self._cond:
+            m = self.members
+            m.fatal = m.fatal or (f"{self.lock_lost}: this run no longer owns "
+                                  f"{self.ckpt.checkpoint_dir}, writes nothing more there and "
+                                  f"has failed")
+            log.error("coordinator: %s", m.fatal)
+            self._cond.notify_all()
+        raise lock.LockLost(self.lock_lost)
 
     # ---- membership ---------------------------------------------------------
 
@@ -168,15 +214,26 @@ class Coordinator:
             self._serial = None
         self._round = {}  # trainers waiting in a barrier wake up and join again
         self._skipped = set()
+        known = self.newest_known
         try:
             manifest = reader.newest_complete(self.storage, deep=False)
+            if known >= 0 and (manifest is None or manifest.serial < known):
+                newest = f"checkpoint_{manifest.serial}" if manifest else "nothing"
+                raise FileNotFoundError(f"its newest complete checkpoint is {newest}, though "
+                                        f"checkpoint_{known} was committed or restored")
         except (OSError, ValueError) as e:
-            log.error("coordinator: cannot list %s (%s); generation %d restores "
-                      "checkpoint_%d as the last one did", self.ckpt.checkpoint_dir, e,
-                      self.members.generation, self.restore_serial)
+            # never a fresh start (nor an older checkpoint) for a store that is away: its
+            # processes retry the newest known until recovery.rejoin_timeout_s
+            log.error("coordinator: %s looks unreachable (%s); generation %d restores "
+                      "checkpoint_%d, the newest known", shown(self.ckpt.checkpoint_dir), e,
+                      self.members.generation, known)
+            if known >= 0 and self.restore_serial != known:
+                self.restore_manifest = None
+                self.restore_serial = known
             return
         self.restore_manifest = manifest
         self.restore_serial = manifest.serial if manifest is not None else -1
+        self.newest_known = max(known, self.restore_serial)
         self._committed = self._restored_chain(manifest)
         log.info("coordinator: generation %d restores %s", self.members.generation,
                  f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)")
@@ -244,7 +301,22 @@ class Coordinator:
         self._staged = set()
         self._missing_base = False  # a pserver cannot write this delta: the next is full
         self._final = any(p[-1] for p in self._round.values())
-        self.storage.makedirs(f"checkpoint_{serial}")
+        try:
+            self._renew()  # a run that lost the lock writes nothing more
+        except lock.LockLost:
+            self._serial, self._round = None, {}
+            return  # the job has failed: every trainer hears it
+        except Exception as e:  # noqa: BLE001 - an outage: the commit checks again
+            log.warning("coordinator: cannot check the lock on %s: %s", self.storage.root, e)
+        try:
+            self.storage.makedirs(f"checkpoint_{serial}")
+        except Exception as e:  # noqa: BLE001 - the store is away: this checkpoint fails
+            log.error("coordinator: cannot make checkpoint_%d: %s", serial, e)
+            for p in range(self.config.num_pservers):  # no shard is written
+                self._staged.add(p)
+                self._failures.append(f"pserver[{p}]: checkpoint_{serial} cannot be made: {e}")
+            self._cond.notify_all()
+            return
         point = next(iter(self._round.values()))
         log.info("coordinator: every trainer at %s; writing checkpoint_%d%s", point, serial,
                  f" (delta of checkpoint_{base})" if base >= 0 else "")
@@ -342,6 +414,7 @@ class Coordinator:
         try:
             started = time.perf_counter()
             manifest = merge(serial, self.facts, parts, final=self._final, base=self._base)
+            self._renew()  # the lock is still this run's: nobody else writes here
             writer.commit(self.storage, manifest)
         except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
             log.exception("coordinator: committing checkpoint_%d failed", serial)
@@ -361,6 +434,7 @@ class Coordinator:
         trainers hear, and, for the final checkpoint, what a restarted process restores."""
         if outcome is None:  # the base of the next delta
             self._committed = (serial, self._committed[1] + 1 if self._base >= 0 else 0)
+            self.newest_known = max(self.newest_known, serial)
         elif self._missing_base:  # a pserver lacks the base: the next save is full
             self._committed = (self._committed[0], self.ckpt.full_every)
         self._outcome[serial] = outcome

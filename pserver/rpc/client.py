@@ -83,10 +83,11 @@ class PSClient:
         raises `error`."""
         self.fenced = error
 
-    def _call(self, p: int, method: str, request: object) -> grpc.Future:
+    def _call(self, p: int, method: str, request: object,
+              deadline: float | None = None) -> grpc.Future:
         if self.fenced is not None:
             raise type(self.fenced)(f"{method}: {self.fenced}")
-        return self._stubs[p][method].future(request, timeout=self.deadline,
+        return self._stubs[p][method].future(request, timeout=deadline or self.deadline,
                                              metadata=self._metadata)
 
     def _result(self, fut: grpc.Future, p: int, what: str) -> object:
@@ -176,12 +177,13 @@ class PSClient:
             groups.setdefault(self._dense[n], []).append(n)
         return groups
 
-    def pull_dense(self, names: Iterable[str] | None = None,
-                   step: int = 0) -> dict[str, np.ndarray]:
-        """Values of dense variables (default: all), from the pservers that hold them."""
+    def pull_dense(self, names: Iterable[str] | None = None, step: int = 0,
+                   deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Values of dense variables (default: all), from the pservers that hold them;
+        `deadline` in seconds (default: rpc.deadline_s)."""
         groups = self._dense_by_pserver(self._dense if names is None else names)
         futs = [(p, ns, self._call(p, "PullDense", pb.DensePullRequest(
-                    names=ns, trainer_id=self.trainer_id, step=step)))
+                    names=ns, trainer_id=self.trainer_id, step=step), deadline))
                 for p, ns in groups.items()]
         out = {}
         for p, ns, fut in futs:

@@ -86,8 +86,8 @@ class LocalClient:
             self.push_dense(dense, step)
         return step + 1
 
-    def pull_dense(self, names: Iterable[str] | None = None,
-                   step: int = 0) -> dict[str, np.ndarray]:
+    def pull_dense(self, names: Iterable[str] | None = None, step: int = 0,
+                   deadline: float | None = None) -> dict[str, np.ndarray]:
         names = list(self.dense if names is None else names)
         for n in names:
             if n not in self.dense:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -206,7 +209,7 @@ def test_a_second_job_is_refused_naming_the_holder(data_dir: Path, tmp_path: Pat
     other = write_job(data_dir, tmp_path / "b", ckdir, 1, 1, epochs=1)
     r = _standalone(other, "--set", 'job.name="other"')
     assert r.returncode == 2
-    assert "is used by job 'demo' (host" in r.stderr and "pid" in r.stderr
+    assert "is used by job 'demo' (run " in r.stderr and "host" in r.stderr and "pid" in r.stderr
     assert "python -m ckpt unlock" in r.stderr
     # pservers refuse it the same way
     r = subprocess.run([sys.executable, "-m", "pserver", "--id", "0", "--config", str(other),
@@ -278,3 +281,49 @@ def test_a_save_that_hits_a_full_disk_fails_cleanly_and_training_goes_on(
     v = subprocess.run([sys.executable, "-m", "ckpt", "verify", str(ckdir)],
                        env=python_env(), capture_output=True, text=True)
     assert v.returncode == 0, v.stdout
+
+
+def test_a_second_launch_is_refused_while_the_first_runs(data_dir: Path, tmp_path: Path) -> None:
+    """Two launches of one job file are two runs: the second is refused (exit 2, naming the
+    holder and its lease) and writes nothing; once the first is killed, the next resumes."""
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, epochs=1, faults=slow_saves(1.0))
+    first = launch(job)
+    threading.Thread(target=first.stdout.read, daemon=True).start()  # keep its pipe flowing
+    try:
+        deadline = time.monotonic() + 120
+        while not list(ckdir.glob("checkpoint_*/_SUCCESS")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = json.loads((ckdir / layout.LOCK).read_text())
+        before = sorted(os.listdir(ckdir))
+        second = subprocess.run([sys.executable, "-m", "trainer", "launch", "--config",
+                                 str(job), "--workdir", str(tmp_path / "second")],
+                                env=python_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-3000:]
+        said = second.stdout + second.stderr  # the pserver's words come through stdout
+        assert f"held by job 'demo' (run {held['run']}" in said
+        assert "lease renewed" in said and "another run of this job" in said
+        assert json.loads((ckdir / layout.LOCK).read_text())["token"] == held["token"]
+        assert "trainer[" not in second.stdout  # no trainer was started
+        os.kill(pid_of(job, "pserver", 0), signal.SIGKILL)  # the first run crashes
+        first.kill()
+    finally:
+        first.kill()
+        first.wait(60)
+    assert set(before) <= set(os.listdir(ckdir)) | {"_LOCK"}
+    out = run_to_end(job, env=without_faults(python_env()))  # a third run takes it over
+    assert "restored checkpoint_" in out
+
+
+def test_saves_ten_times_slower_than_the_rpc_deadline_commit(data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """Every step of a save waits under rpc.checkpoint_timeout_s, not rpc.deadline_s: with
+    pserver 0's part taking 10x the ordinary deadline, every checkpoint commits."""
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1, step_interval=1000,
+                    faults=slow_saves(5.0))
+    out = run_to_end(job, env={**python_env(), "PSRT_RPC__DEADLINE_S": "0.5"})
+    assert "not committed" not in out and "DeadlineExceeded" not in out
+    storage = LocalStorage(ckdir)
+    assert [e.serial for e in reader.entries(storage) if e.complete] == [0, 1]
+    assert reader.newest_complete(storage).final

@@ -93,7 +93,7 @@ def test_reading_creates_nothing(remote: Storage) -> None:
 def test_the_lock_on_a_remote_store(remote: Storage) -> None:
     mine = lock.acquire(remote, "a")
     assert lock.holder(remote)["token"] == mine["token"]
-    with pytest.raises(lock.LockedError, match=r"is used by job 'a' \(host .*pid "
+    with pytest.raises(lock.LockedError, match=r"is used by job 'a' \(run .*host .*pid "
                                                rf"{os.getpid()}.*python -m ckpt unlock "
                                                rf"{re.escape(str(remote.root))}"):
         lock.acquire(remote, "b")

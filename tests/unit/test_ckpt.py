@@ -90,6 +90,7 @@ def test_reading_ignores_unrelated_entries_and_creates_nothing(tmp_path: Path) -
     storage = LocalStorage(tmp_path / "ckpt")
     assert reader.entries(storage) == [] and reader.newest_complete(storage) is None
     assert not (tmp_path / "ckpt").exists()
+    storage.check_root()  # as the coordinator does at start: writes never make the root
     save(storage, 3)
     (tmp_path / "ckpt" / "notes.txt").write_text("hello")
     (tmp_path / "ckpt" / "checkpoint_x").mkdir()

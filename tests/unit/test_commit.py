@@ -17,14 +17,13 @@ import pytest
 from ckpt import layout, reader, writer
 from ckpt.faulty import reset
 from ckpt.local import LocalStorage
-from ckpt.manifest import Part, merge
+from ckpt.manifest import merge
 from ckpt.storage import FileEntry
-from pserver.coord.coordinator import Coordinator
 from pserver.errors import Unavailable
 from pserver.tables import persist
 from pserver.tables.shard import Shard
 from tests.helpers import job
-from tests.unit.shards import train
+from tests.unit.shards import coordinator, save, train
 
 
 @pytest.fixture(autouse=True)
@@ -82,31 +81,6 @@ def test_every_directory_that_gained_an_entry_is_synced_before_success(
     assert ("fsync_dir", "") in events[success:]
 
 
-def coordinator(tmp_path: Path, faults: list[dict], keep: int = 3) -> tuple[Coordinator, Shard]:
-    config = job(1, checkpoint={"checkpoint_dir": str(tmp_path), "faults": faults,
-                                "max_num_checkpoints": keep},
-                 recovery={"heartbeat_s": 0.2, "liveness_timeout_s": 60.0})
-    shard = Shard(config, 0)
-    storage = config.checkpoint.storage()
-
-    def save_shard(_pserver: int, serial: int, base: int) -> Part:
-        return persist.save_shard(shard, storage, serial, base if base >= 0 else None)
-
-    coord = Coordinator(config, config.checkpoint, persist.job_facts(shard), save_shard,
-                        watch=False)
-    coord.join_pserver(0, "in-process", "first")
-    coord.ready(0, -1)
-    coord.join_trainer(0, 5)
-    return coord, shard
-
-
-def save(coord: Coordinator, shard: Shard, step: int) -> int:
-    serial = coord.barrier(0, step, 0, step, False, 5)
-    dense = {n: v.value for n, v in shard.dense.items()}
-    part = writer.write_trainer(coord.storage, serial, 0, 0, step, {"global_step": step}, dense)
-    return coord.commit(0, serial, part, None, 30)
-
-
 def test_a_failed_rotation_leaves_a_committed_checkpoint(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     coord, shard = coordinator(tmp_path, [{"kind": "eio", "op": "remove"}], keep=1)
@@ -141,7 +115,10 @@ def test_a_rollback_during_a_commit_restores_what_the_commit_leaves(tmp_path: Pa
 
         committing = threading.Thread(target=commit)
         committing.start()
-        time.sleep(0.3)  # in the middle of writing _SUCCESS
+        deadline = time.monotonic() + 10
+        while len(coord._parts) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # every part is in: the commit holds the lock from here on
+        time.sleep(0.2)  # in the middle of writing _SUCCESS
         coord.join_pserver(0, "in-process", "restarted")  # the pserver restarted: roll back
         committing.join(30)
         restore = coord.restore_serial
@@ -149,5 +126,37 @@ def test_a_rollback_during_a_commit_restores_what_the_commit_leaves(tmp_path: Pa
         assert heard and (heard[0] == 1 or "rolling back" in str(heard[0]))
         assert reader.newest_complete(LocalStorage(tmp_path)).serial == 1
         assert not (tmp_path / layout.checkpoint_name(0)).exists()
+    finally:
+        coord.close()
+
+
+def test_a_store_away_during_a_rollback_is_never_a_fresh_start(tmp_path: Path) -> None:
+    """The checkpoint_dir vanishes (a lost mount) after checkpoint_1 committed: a rollback
+    then still restores checkpoint_1, a save fails without making the directory again, and
+    once the store is back the job saves on from there."""
+    root = tmp_path / "ckpt"
+    coord, shard = coordinator(root, [])
+    try:
+        assert save(coord, shard, 1) == 0 and save(coord, shard, 2) == 1
+        away = tmp_path / "away"
+        root.rename(away)
+        coord.join_pserver(0, "in-process", "restarted")  # roll back while it is away
+        assert coord.restore_serial == 1
+        coord.ready(0, 1)
+        coord.join_trainer(0, 5)
+        with pytest.raises(Exception, match="is gone|No such file"):
+            save(coord, shard, 3)
+        assert not root.exists()  # not made again, nothing written elsewhere
+        root.mkdir()  # an empty directory where the old one was (a fresh mount)
+        coord.join_pserver(0, "in-process", "again")
+        assert coord.restore_serial == 1  # an empty listing is not a fresh start either
+        root.rmdir()
+        away.rename(root)  # back
+        coord.join_pserver(0, "in-process", "back")
+        assert coord.restore_serial == 1
+        coord.ready(0, 1)
+        coord.join_trainer(0, 5)
+        assert save(coord, shard, 3) > 1
+        assert reader.newest_complete(LocalStorage(root)).serial > 1
     finally:
         coord.close()
