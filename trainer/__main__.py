@@ -23,7 +23,7 @@ import sys  # noqa: E402
 
 from ckpt.lock import LockedError  # noqa: E402
 from pserver import config as pscfg  # noqa: E402
-from pserver.errors import JOB_FAILED, JobFailed, PsrtError  # noqa: E402
+from pserver.errors import JOB_FAILED, CheckpointFailed, JobFailed, PsrtError  # noqa: E402
 from trainer import config as tcfg  # noqa: E402
 from trainer import datagen, launch, plot  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except PsrtError as e:
         logging.getLogger("trainer").error("%s failed: %s", role, e)
-        return JOB_FAILED if isinstance(e, JobFailed) else 1
+        # not restarted: the job failed, or its final checkpoint did (the result is not saved)
+        return JOB_FAILED if isinstance(e, JobFailed | CheckpointFailed) else 1
     finally:
         trainer.close()
     return 0

@@ -156,6 +156,8 @@ class Checkpointer:
         try:
             self.coord.commit(self.trainer_id, serial, part, error, self.timeout)
         except CheckpointFailed as e:
+            if final:  # the job's result is not saved: the job has failed
+                raise CheckpointFailed(f"the final checkpoint: {e}") from None
             log.warning("%s: %s; training goes on", self.role, e)
             return None
         self.last_saved_step = step

@@ -190,7 +190,7 @@ def _supervise(children: list[Child], trainers: list[Child], interrupted: thread
                     _restart(c, ports.get(c.role))
                     _write_pids(children, workdir)
                     continue
-                more = f" {max_restarts} times already" if max_restarts else ""
+                more = f" {c.restarts} times already" if c.restarts else ""
                 print(f"launch: {c.role} exited with code {code}{more and '; restarted' + more}"
                       f"; stopping the job", file=sys.stderr)
                 return code or 1

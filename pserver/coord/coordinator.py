@@ -62,6 +62,7 @@ class Coordinator:
         self.restore_manifest = manifest
         # the newest checkpoint committed or restored: a listing without it is an outage
         self.newest_known = self.restore_serial
+        self.failed_in_a_row = 0  # checkpoints failed since the last commit
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
         # the base of the next delta and how many deltas it is past a full checkpoint
         self._committed = self._restored_chain(manifest)
@@ -409,8 +410,7 @@ class Coordinator:
         deletes now), or (why the checkpoint failed, [])."""
         if failures:
             msg = f"checkpoint_{serial} failed and was not committed: " + "; ".join(failures)
-            log.error("coordinator: %s", msg)
-            return msg, []
+            return self._failed(msg), []
         try:
             started = time.perf_counter()
             manifest = merge(serial, self.facts, parts, final=self._final, base=self._base)
@@ -418,7 +418,8 @@ class Coordinator:
             writer.commit(self.storage, manifest)
         except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
             log.exception("coordinator: committing checkpoint_%d failed", serial)
-            return f"checkpoint_{serial} failed and was not committed: {e}", []
+            return self._failed(f"checkpoint_{serial} failed and was not committed: {e}"), []
+        self.failed_in_a_row = 0
         log.info("coordinator: committed checkpoint_%d (step %d, %.1f MB, commit %.2fs)",
                  serial, manifest.global_step, manifest.total_bytes / 1e6,
                  time.perf_counter() - started)
@@ -428,6 +429,13 @@ class Coordinator:
             log.warning("coordinator: checkpoint_%d is committed; its rotation failed: %s",
                         serial, e)
             return None, []
+
+    def _failed(self, msg: str) -> str:
+        self.failed_in_a_row += 1
+        last = self.newest_known
+        since = f"since checkpoint_{last}" if last >= 0 else "since the job started"
+        log.error("coordinator: %s (%d in a row %s)", msg, self.failed_in_a_row, since)
+        return msg
 
     def _settle(self, serial: int, outcome: str | None) -> None:
         """(Under the lock.) The save is over: the base of the next one, the outcome the

@@ -283,6 +283,26 @@ def test_a_save_that_hits_a_full_disk_fails_cleanly_and_training_goes_on(
     assert v.returncode == 0, v.stdout
 
 
+def test_a_failed_final_checkpoint_fails_the_job(data_dir: Path, tmp_path: Path) -> None:
+    """The job's result is not saved: the trainers and the launcher exit 3 naming why (the
+    same 21 steps as above: serial 5 is the final checkpoint)."""
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, 1, 1, epochs=1, max_num_checkpoints=100,
+                    faults=full_disk(5))
+    r = _standalone(job)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "the final checkpoint: checkpoint_5 failed and was not committed: pserver[0]:" \
+        in r.stderr and "No space left on device" in r.stderr
+    assert "(1 in a row since checkpoint_4)" in r.stderr
+    shutil.rmtree(ckdir)
+    p = launch(job)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 3, out[-3000:]
+    assert "trainer[0] failed: the final checkpoint: " in out
+    assert "checkpoint_5 failed and was not committed: pserver[0]: [Errno 28]" in out
+    assert "launch: trainer[0] exited with code 3; stopping the job" in out
+
+
 def test_a_second_launch_is_refused_while_the_first_runs(data_dir: Path, tmp_path: Path) -> None:
     """Two launches of one job file are two runs: the second is refused (exit 2, naming the
     holder and its lease) and writes nothing; once the first is killed, the next resumes."""
