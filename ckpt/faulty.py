@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ckpt.storage import ArrayWriter, FileEntry, Storage, join, npy_header
+from ckpt.storage import ArrayWriter, FileEntry, Storage, check_bytes, join, npy_header
 
 KINDS = ("slow", "enospc", "eio", "torn", "damage", "vanish")
 OPS = ("any", "write", "read", "list", "remove", "fsync")
@@ -191,6 +191,12 @@ class FaultyStorage(Storage):
             arr = np.array(arr)
             arr.reshape(-1).view(np.uint8)[0] ^= 0xFF
         return arr
+
+    def read_verified(self, rel: str, size: int, xxh3: int) -> np.ndarray:
+        if "damage" in self._check("read", rel):
+            data = _flip(self.inner.read_bytes(rel))
+            check_bytes(rel, data, size, xxh3)  # (raises: one byte is flipped)
+        return self.inner.read_verified(rel, size, xxh3)
 
     def checksum(self, rel: str) -> tuple[int, int]:
         size, digest = self.inner.checksum(rel)

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from ckpt.storage import CHUNK, ArrayWriter, FileEntry, Storage, join
+from ckpt.storage import (
+    CHUNK,
+    ArrayWriter,
+    Damaged,
+    FileEntry,
+    Storage,
+    check_bytes,
+    join,
+    npy_from_buffer,
+)
 
 
 class LocalStorage(Storage):
@@ -146,6 +155,22 @@ class LocalStorage(Storage):
 
     def read_array(self, rel: str, mmap: bool = False) -> np.ndarray:
         return np.load(self.path(rel), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def read_verified(self, rel: str, size: int, xxh3: int) -> np.ndarray:
+        """One read into memory of the manifest's size, hashed there (no second pass over
+        the disk), then the array as a view of it."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        with open(self.path(rel), "rb", buffering=0) as f:
+            got = 0
+            while got < size and (n := f.readinto(view[got:got + CHUNK])):
+                got += n
+            extra = len(f.read(1)) if got == size else 0
+        if got != size or extra:
+            actual = os.path.getsize(self.path(rel))
+            raise Damaged(rel, f"size {actual}, manifest says {size}")
+        check_bytes(rel, view, size, xxh3)
+        return npy_from_buffer(buf, rel)
 
     def checksum(self, rel: str) -> tuple[int, int]:
         """(size, xxh3) of a file as it is now."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ckpt import layout
 from ckpt.manifest import Manifest
-from ckpt.storage import Storage
+from ckpt.storage import Damaged, Storage
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,18 @@ def load_manifest(storage: Storage, serial: int) -> Manifest:
     return manifest
 
 
-def verify(storage: Storage, serial: int, deep: bool = True) -> list[str]:
-    """Problems of checkpoint `serial` (empty: intact). `deep` also checks every checksum."""
+# `deep` of verify and newest_complete: "parts" checks the checksums of the trainers'
+# files only (small), the sizes of the rest; the pservers check theirs while they load them
+PARTS = "parts"
+
+
+def _deep_for(deep: bool | str, rel: str) -> bool:
+    return deep is True or (deep == PARTS and rel.startswith("trainer_"))
+
+
+def verify(storage: Storage, serial: int, deep: bool | str = True) -> list[str]:
+    """Problems of checkpoint `serial` (empty: intact). `deep` also checks every checksum
+    (PARTS: those of the trainers' files)."""
     manifest, problem = _load_manifest(storage, serial)
     if manifest is None:
         return [problem or "unreadable"]
@@ -65,7 +75,7 @@ def verify(storage: Storage, serial: int, deep: bool = True) -> list[str]:
         if rel not in present:
             problems.append(f"{rel}: missing")
             continue
-        if not deep:
+        if not _deep_for(deep, rel):
             size = present[rel]
             if size != want["size"]:
                 problems.append(f"{rel}: size {size}, manifest says {want['size']}")
@@ -94,7 +104,7 @@ def entries(storage: Storage, deep: bool = False) -> list[Entry]:
     return sorted(out, key=lambda e: e.serial)
 
 
-def chain(storage: Storage, manifest: Manifest, deep: bool = False,
+def chain(storage: Storage, manifest: Manifest, deep: bool | str = False,
           checked: dict[int, list[str]] | None = None) -> list[Manifest]:
     """The checkpoints to load to restore `manifest`, oldest first: a full checkpoint, then
     each delta over it (just [manifest] for a full one). ValueError names the first link
@@ -120,14 +130,20 @@ def _brief(problems: list[str]) -> str:
     return "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else "")
 
 
-def newest_complete(storage: Storage, deep: bool = True) -> Manifest | None:
+def newest_complete(storage: Storage, deep: bool | str = True,
+                    damaged: dict[int, str] | None = None) -> Manifest | None:
     """The newest checkpoint that is complete and intact, and (a delta) whose chain of bases
-    is too; others are skipped with a warning saying what is wrong."""
-    checked: dict[int, list[str]] = {}
+    is too; others are skipped with a warning saying what is wrong. `damaged`: serials
+    found damaged while they were restored, and why (they and deltas over them are
+    skipped)."""
+    damaged = damaged or {}
+    checked: dict[int, list[str]] = {s: [f"damaged: {why}"] for s, why in damaged.items()}
     for e in reversed(entries(storage, deep=False)):
-        problem = e.problem
+        problem = e.problem or (f"damaged: {damaged[e.serial]}" if e.serial in damaged
+                                else None)
         if problem is None:
-            checked[e.serial] = verify(storage, e.serial, deep)
+            if e.serial not in checked:
+                checked[e.serial] = verify(storage, e.serial, deep)
             problem = _brief(checked[e.serial]) if checked[e.serial] else None
         if problem is None and e.manifest is not None:
             try:
@@ -156,8 +172,31 @@ def read_trainer(storage: Storage, serial: int, trainer_id: int) -> tuple[int, i
     return int(text("epoch_id")), int(text("step_id")), json.loads(text("reader_state"))
 
 
-def read_dense(storage: Storage, serial: int, name: str, array: str = "value") -> np.ndarray:
-    return storage.read_array(f"{layout.checkpoint_name(serial)}/{layout.dense_file(name, array)}")
+def read_dense(storage: Storage, serial: int, name: str, array: str = "value",
+               manifest: Manifest | None = None) -> np.ndarray:
+    """A dense variable's value (or state array); with the manifest, checked against it
+    while it is read (Damaged names the file)."""
+    rel = layout.dense_file(name, array)
+    if manifest is not None:
+        return _read(storage, manifest, rel)
+    return storage.read_array(f"{layout.checkpoint_name(serial)}/{rel}")
+
+
+def _read(storage: Storage, manifest: Manifest, rel: str, mmap: bool = False) -> np.ndarray:
+    """A file of checkpoint `manifest`, checked against its manifest entry in the same read
+    (or, memory-mapped, by one checksum pass first): Damaged names the file."""
+    path = f"{layout.checkpoint_name(manifest.serial)}/{rel}"
+    want = manifest.files.get(rel)
+    if want is None:
+        raise Damaged(path, "not in the checkpoint's manifest")
+    if not mmap:
+        return storage.read_verified(path, want["size"], want["xxh3"])
+    size, digest = storage.checksum(path)
+    if size != want["size"]:
+        raise Damaged(path, f"size {size}, manifest says {want['size']}")
+    if digest != want["xxh3"]:
+        raise Damaged(path, f"checksum xxh3 {digest:016x}, manifest says {want['xxh3']:016x}")
+    return storage.read_array(path, mmap=True)
 
 
 def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[str],
@@ -166,12 +205,13 @@ def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[st
     ({} when there are none).
 
     Each old shard lists its rows sorted by virtual shard (`order`, `vshards`), so only
-    the needed rows are read (memory-mapped), in file order.
+    the needed rows are read (memory-mapped, in file order, after one checksum pass); a
+    whole old shard is read once and checked in that read. Damaged names a file whose
+    size or checksum differs from the manifest.
     """
-    base = layout.checkpoint_name(manifest.serial)
     plan = []  # (old pserver, its rows to read, or None: all of them)
     for p in range(manifest.num_pservers):
-        offsets = storage.read_array(f"{base}/{layout.table_file(p, table, 'vshards')}")
+        offsets = _read(storage, manifest, layout.table_file(p, table, "vshards"))
         lo = int(offsets[min(vshard_lo, len(offsets) - 1)])
         hi = int(offsets[min(vshard_hi, len(offsets) - 1)])
         if hi <= lo:
@@ -179,13 +219,13 @@ def read_table(storage: Storage, manifest: Manifest, table: str, arrays: list[st
         if lo == 0 and hi == int(offsets[-1]):  # the whole old shard: read it straight
             plan.append((p, None, hi))
             continue
-        order = storage.read_array(f"{base}/{layout.table_file(p, table, 'order')}", mmap=True)
+        order = _read(storage, manifest, layout.table_file(p, table, "order"), mmap=True)
         plan.append((p, np.sort(order[lo:hi]), hi - lo))  # ascending: reads walk forward
     if not plan:
         return {}
 
     def source(p: int, a: str, mmap: bool = True) -> np.ndarray:
-        return storage.read_array(f"{base}/{layout.table_file(p, table, a)}", mmap=mmap)
+        return _read(storage, manifest, layout.table_file(p, table, a), mmap=mmap)
 
     if len(plan) == 1:  # one piece: no copy into a joined array
         p, rows, _ = plan[0]
@@ -222,8 +262,9 @@ def read_all(storage: Storage, manifest: Manifest) -> dict[str, dict[str, np.nda
                   for link in links]
         out[f"table/{name}"] = newest_rows([p for p in pieces if p])
     for name, spec in manifest.dense.items():
-        out[f"dense/{name}"] = {"value": read_dense(storage, manifest.serial, name), **{
-            k: read_dense(storage, manifest.serial, name, k) for k in spec["state"]}}
+        out[f"dense/{name}"] = {"value": read_dense(storage, manifest.serial, name,
+                                                    manifest=manifest), **{
+            k: read_dense(storage, manifest.serial, name, k, manifest) for k in spec["state"]}}
     return out
 
 

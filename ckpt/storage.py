@@ -54,6 +54,40 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return header[:8] + (len(text) + pad + 1).to_bytes(2, "little") + text + b" " * pad + b"\n"
 
 
+class Damaged(ValueError):
+    """A checkpoint file does not match its manifest entry (size or checksum)."""
+
+    def __init__(self, rel: str, problem: str) -> None:
+        super().__init__(f"{rel}: {problem}")
+        self.rel = rel
+
+
+def check_bytes(rel: str, data: Any, size: int, xxh3: int) -> None:
+    """Damaged unless `data` (bytes-like) has the manifest's size and checksum."""
+    if len(data) != size:
+        raise Damaged(rel, f"size {len(data)}, manifest says {size}")
+    digest = xxhash.xxh3_64_intdigest(data)
+    if digest != xxh3:
+        raise Damaged(rel, f"checksum xxh3 {digest:016x}, manifest says {xxh3:016x}")
+
+
+def npy_from_buffer(data: Any, rel: str) -> np.ndarray:
+    """The array of a .npy file's bytes (no copy: a view of `data`; writable if it is)."""
+    head = io.BytesIO(memoryview(data)[:HEADER_ALIGN * 4])
+    try:
+        version = np.lib.format.read_magic(head)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(head)
+    except ValueError as e:
+        raise ValueError(f"{rel}: not a .npy file: {e}") from None
+    if dtype.hasobject:
+        raise ValueError(f"{rel}: holds Python objects, which checkpoints never do")
+    count = int(np.prod(shape, dtype=np.int64))
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=head.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 class ArrayWriter:
     """One .npy file written block by block (rows in order), checksummed as it goes.
     `out.write` takes a flat uint8 array."""
@@ -141,6 +175,13 @@ class Storage:
 
     def read_array(self, rel: str, mmap: bool = False) -> np.ndarray:
         raise NotImplementedError
+
+    def read_verified(self, rel: str, size: int, xxh3: int) -> np.ndarray:
+        """A .npy file read whole, once, and checked against its manifest entry while it
+        is read: Damaged names the file if its size or checksum differ."""
+        data = self.read_bytes(rel)
+        check_bytes(rel, data, size, xxh3)
+        return npy_from_buffer(bytearray(data), rel)
 
     def size(self, rel: str) -> int:
         raise NotImplementedError

@@ -56,7 +56,9 @@ class Coordinator:
         self._lease_stop = threading.Event()
         self.lock_lost: str | None = None
         started = time.perf_counter()
-        manifest = reader.newest_complete(self.storage, deep=True)
+        # the trainers' files are checked here, the pservers' while they load them
+        self._damaged: dict[int, str] = {}  # serial -> the damaged file found restoring it
+        manifest = reader.newest_complete(self.storage, deep=reader.PARTS)
         self.verify_seconds = time.perf_counter() - started
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
@@ -155,11 +157,23 @@ class Coordinator:
                 raise Unavailable(f"pserver {pserver_id} has not joined")
             return self._addresses[pserver_id]
 
-    def ready(self, pserver_id: int, serial: int, generation: int | None = None) -> None:
+    def ready(self, pserver_id: int, serial: int, generation: int | None = None,
+              damaged: str = "") -> None:
+        """Pserver `pserver_id` restored `serial` for `generation`; or, `damaged` set, it
+        cannot: that file is damaged, and the whole job falls back to the newest older
+        complete checkpoint (a new generation)."""
         self.members.check_id("pserver", pserver_id)
         with self._cond:
             m = self.members
             gen = m.generation if generation is None else generation
+            if damaged:
+                if gen == m.generation and serial == self.restore_serial >= 0:
+                    self._damaged[serial] = damaged
+                    log.warning("coordinator: pserver[%d] cannot restore checkpoint_%d: %s; "
+                                "the job falls back to an older checkpoint", pserver_id,
+                                serial, damaged)
+                    m.rollback(f"checkpoint_{serial} is damaged")
+                return
             if gen == m.generation and serial != self.restore_serial:
                 raise FailedPrecondition(f"Ready: pserver {pserver_id} restored checkpoint "
                                          f"{serial}, the job restores {self.restore_serial}")
@@ -215,9 +229,10 @@ class Coordinator:
             self._serial = None
         self._round = {}  # trainers waiting in a barrier wake up and join again
         self._skipped = set()
-        known = self.newest_known
+        known = -1 if self.newest_known in self._damaged else self.newest_known
         try:
-            manifest = reader.newest_complete(self.storage, deep=False)
+            manifest = reader.newest_complete(self.storage, deep=reader.PARTS,
+                                              damaged=self._damaged)
             if known >= 0 and (manifest is None or manifest.serial < known):
                 newest = f"checkpoint_{manifest.serial}" if manifest else "nothing"
                 raise FileNotFoundError(f"its newest complete checkpoint is {newest}, though "

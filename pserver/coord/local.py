@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from ckpt import CheckpointConfig
 from ckpt.manifest import Part
+from ckpt.storage import Damaged
 from pserver.coord.coordinator import Coordinator
 from pserver.tables import persist
 from pserver.tables.shard import Shard
@@ -50,8 +51,12 @@ def standalone(shard: Shard, ckpt: CheckpointConfig) -> Coordinator:
                        lambda serial, part, err: coord.report_part(0, serial, part, err))
     coord = Coordinator(shard.config, ckpt, persist.job_facts(shard),
                         lambda _pserver, serial, base: save(serial, base), watch=False)
-    if coord.restore_manifest is not None:
-        persist.load_shard(shard, coord.storage, coord.restore_manifest)
+    while coord.restore_manifest is not None:
+        try:
+            persist.load_shard(shard, coord.storage, coord.restore_manifest)
+            break
+        except Damaged as e:  # fall back to an older checkpoint (every array is reloaded)
+            coord.ready(0, coord.restore_serial, damaged=str(e))
     coord.join_pserver(0, "in-process")
     coord.ready(0, coord.restore_serial)
     return coord

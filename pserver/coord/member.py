@@ -18,6 +18,7 @@ import uuid
 from typing import Any, Protocol
 
 from ckpt import reader
+from ckpt.storage import Damaged
 from pserver.config import ConfigError, JobConfig
 from pserver.coord.heartbeat import Heartbeat
 from pserver.errors import FailedPrecondition
@@ -112,7 +113,12 @@ class PserverMember:
         serial = self.coord.join_pserver(self.id, self.host.address, self.incarnation)
         generation = self.coord.generation
         if serial >= 0:
-            persist.load_shard(shard, self.storage, reader.load_manifest(self.storage, serial))
+            try:
+                persist.load_shard(shard, self.storage,
+                                   reader.load_manifest(self.storage, serial))
+            except Damaged as e:  # the job falls back together; this pserver rejoins
+                self.coord.ready(self.id, serial, generation, damaged=str(e))
+                raise
         self.host.serve(shard, generation, f"{self.role} rolled back to generation {generation}")
         try:
             self.coord.ready(self.id, serial, generation)

@@ -53,7 +53,7 @@ class CoordinatorServicer:
         return pb.JoinResponse(serial=serial, generation=gen)
 
     def Ready(self, req: pb.ReadyRequest, ctx: grpc.ServicerContext) -> pb.ReadyResponse:
-        self.c.ready(req.pserver_id, req.serial, req.generation or None)
+        self.c.ready(req.pserver_id, req.serial, req.generation or None, req.damaged)
         return pb.ReadyResponse()
 
     def Heartbeat(self, req: pb.HeartbeatRequest, ctx: grpc.ServicerContext) -> Any:
@@ -121,8 +121,10 @@ class CoordinatorClient:
         self.generation = resp.generation
         return resp.serial
 
-    def ready(self, pserver_id: int, serial: int, generation: int | None = None) -> None:
-        req = pb.ReadyRequest(pserver_id=pserver_id, serial=serial, generation=generation or 0)
+    def ready(self, pserver_id: int, serial: int, generation: int | None = None,
+              damaged: str = "") -> None:
+        req = pb.ReadyRequest(pserver_id=pserver_id, serial=serial, generation=generation or 0,
+                              damaged=damaged)
         self._call("Ready", req, self.deadline)
 
     def join_trainer(self, trainer_id: int, timeout: float | None = None,

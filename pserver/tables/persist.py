@@ -303,8 +303,9 @@ def load_shard(shard: Shard, storage: Storage, manifest: Manifest) -> None:
                 t.upsert(delta)
         t.restored(manifest.serial)
     for name, d in shard.dense.items():
-        value = reader.read_dense(storage, manifest.serial, name)
-        state = {k: reader.read_dense(storage, manifest.serial, name, k) for k in d.state}
+        value = reader.read_dense(storage, manifest.serial, name, manifest=manifest)
+        state = {k: reader.read_dense(storage, manifest.serial, name, k, manifest)
+                 for k in d.state}
         d.load(value, state)
     for gate in shard.gates.values():
         with gate.cond:

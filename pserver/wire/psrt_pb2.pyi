@@ -235,14 +235,16 @@ class JoinResponse(_message.Message):
     def __init__(self, serial: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ReadyRequest(_message.Message):
-    __slots__ = ("pserver_id", "serial", "generation")
+    __slots__ = ("pserver_id", "serial", "generation", "damaged")
     PSERVER_ID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     pserver_id: int
     serial: int
     generation: int
-    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    damaged: str
+    def __init__(self, pserver_id: _Optional[int] = ..., serial: _Optional[int] = ..., generation: _Optional[int] = ..., damaged: _Optional[str] = ...) -> None: ...
 
 class ReadyResponse(_message.Message):
     __slots__ = ()

@@ -347,3 +347,33 @@ def test_saves_ten_times_slower_than_the_rpc_deadline_commit(data_dir: Path,
     storage = LocalStorage(ckdir)
     assert [e.serial for e in reader.entries(storage) if e.complete] == [0, 1]
     assert reader.newest_complete(storage).final
+
+
+def test_a_damaged_shard_found_in_a_rollback_rolls_the_whole_job_back(
+        data_dir: Path, tmp_path: Path, reference: dict) -> None:
+    """Checksums are checked while the shards load, at a rollback too: checkpoint_1 is
+    damaged right after its commit and a trainer is killed; pserver 1 finds its file
+    damaged while restoring it, and every process falls back together to checkpoint_0.
+    The job then ends bit-identical to one never interrupted."""
+    ckdir = tmp_path / "ckpt"
+    job = write_job(data_dir, tmp_path, ckdir, faults=slow_saves(1.0))
+    proc = launch(job)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    damaged = "checkpoint_1/__lockup_table__/table_pserver_1/emb_0.values"
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckdir / "checkpoint_1" / "_SUCCESS").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.02)
+        _corrupt(ckdir / damaged)
+        os.kill(pid_of(job, "trainer", 1), signal.SIGKILL)  # the job rolls back
+        proc.wait(300)
+    finally:
+        proc.kill()
+        proc.wait(60)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"pserver[1] cannot restore checkpoint_1: {damaged}: checksum xxh3" in out
+    assert "skipping checkpoint_1" in out and "restored checkpoint_0" in out
+    assert_identical(final_state(ckdir), reference)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
+from ckpt.backends import open_storage
+from ckpt.faulty import FaultyStorage, parse_faults
 from ckpt.local import DirectFile, LocalStorage
 from ckpt.manifest import merge
-from ckpt.storage import HEADER_ALIGN, ArrayWriter, npy_header
+from ckpt.storage import HEADER_ALIGN, ArrayWriter, Damaged, npy_header
 from pserver.config import build as build_job
 
 JOB = {"name": "j", "mode": "sync", "num_pservers": 1, "num_trainers": 1,
@@ -200,3 +202,53 @@ def test_a_file_system_that_refuses_direct_writes_gets_plain_ones(
             f.write(p)
     assert not f.direct
     assert (tmp_path / "f").read_bytes() == b"".join(p.tobytes() for p in pieces)
+
+
+@pytest.mark.parametrize("kind", ["local", "faulty", "memory"])
+def test_a_verified_read_is_the_array_and_names_a_damaged_file(tmp_path: Path,
+                                                               kind: str) -> None:
+    """read_verified checks a file's size and checksum in the one read that loads it, on
+    every backend: the array np.load gives (writable), or Damaged naming the file."""
+    storage = LocalStorage(tmp_path) if kind != "memory" else \
+        open_storage(f"memory://verified-{tmp_path.name}")
+    storage.check_root()
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.zeros(0, np.int64),
+              "c": np.array(7, np.uint64), "d": np.ones((2, 3, 5), np.float64)}
+    entries = {rel: storage.write_array("ck", rel, arr) for rel, arr in arrays.items()}
+    if kind == "faulty":
+        storage = FaultyStorage(storage, parse_faults([{"kind": "damage", "path": "ck/d"}]))
+    for rel, arr in arrays.items():
+        e = entries[rel]
+        if kind == "faulty" and rel == "d":
+            with pytest.raises(Damaged, match="^ck/d: checksum xxh3 [0-9a-f]{16}, manifest"):
+                storage.read_verified(f"ck/{rel}", e.size, e.xxh3)
+            continue
+        got = storage.read_verified(f"ck/{rel}", e.size, e.xxh3)
+        assert got.dtype == arr.dtype and got.shape == arr.shape and np.array_equal(got, arr)
+        assert got.flags.writeable
+        with pytest.raises(Damaged, match=f"^ck/{rel}: checksum xxh3"):
+            storage.read_verified(f"ck/{rel}", e.size, e.xxh3 ^ 1)
+        with pytest.raises(Damaged, match=f"^ck/{rel}: size {e.size}, manifest says "
+                                          f"{e.size + 1}"):
+            storage.read_verified(f"ck/{rel}", e.size + 1, e.xxh3)
+    if kind == "local":
+        path = tmp_path / "ck" / "a"
+        path.write_bytes(path.read_bytes() + b"x")  # one byte too many
+        with pytest.raises(Damaged, match=f"size {entries['a'].size + 1}, manifest says"):
+            storage.read_verified("ck/a", entries["a"].size, entries["a"].xxh3)
+
+
+def test_every_read_of_a_restore_is_checked_whole_shard_or_resharded(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    save(storage, 0)
+    m = reader.load_manifest(storage, 0)
+    whole = reader.read_table(storage, m, "t", ["ids", "values"], 0, 4)
+    assert sorted(whole["ids"].tolist()) == [0, 1, 2, 3, 4]
+    values = tmp_path / "checkpoint_0" / layout.table_file(0, "t", "values")
+    raw = bytearray(values.read_bytes())
+    raw[-1] ^= 1
+    values.write_bytes(bytes(raw))
+    for lo, hi in ((0, 4), (0, 2)):  # the whole shard read once; a part memory-mapped
+        with pytest.raises(Damaged, match="table_pserver_0/t.values: checksum xxh3"):
+            reader.read_table(storage, m, "t", ["ids", "values"], lo, hi)
+    assert reader.read_table(storage, m, "t", ["ids"], 0, 2)["ids"].size  # ids are intact
