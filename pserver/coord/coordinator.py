@@ -380,13 +380,16 @@ class Coordinator:
                                          f"(current: {self._serial})")
         self._add_part(serial, part, error and f"trainer[{trainer_id}]: {error}")
         with self._cond:
-            # background saves release the trainers once every shard is copied; the final
-            # checkpoint, and blocking saves, once committed
+            # background saves release the trainers once every shard is copied and trainer
+            # 0 has the dense values of the cut (its part is in: no push can come between
+            # the state the pservers copied and those values); the final checkpoint, and
+            # blocking saves, once committed
             wait_commit = not self.background or self._final
 
             def released() -> bool:
                 return serial in self._outcome or (
-                    not wait_commit and len(self._staged) == self.config.num_pservers)
+                    not wait_commit and len(self._staged) == self.config.num_pservers
+                    and self._dense_taken(serial))
 
             if not self._cond.wait_for(released, timeout):
                 raise DeadlineExceeded(f"Commit: checkpoint {serial} not committed within "
@@ -398,6 +401,11 @@ class Coordinator:
             raise CheckpointFailed(outcome)
         return serial
 
+    def _dense_taken(self, serial: int) -> bool:
+        """(Under the lock.) Trainer 0's part of `serial` (or its failure) is in."""
+        return serial != self._serial or ("trainer", 0) in self._parts or \
+            any(f.startswith("trainer[0]:") for f in self._failures)
+
     def _add_part(self, serial: int, part: Part | None, error: str | None) -> None:
         with self._cond:
             if serial != self._serial:
@@ -406,6 +414,7 @@ class Coordinator:
                 self._failures.append(error)
             if part is not None:
                 self._parts[(part.role, part.id)] = part
+            self._cond.notify_all()  # trainer 0's part releases the others (background)
             done = len(self._parts) + len(self._failures)
             if done < self.config.num_pservers + self.config.num_trainers:
                 return

@@ -19,6 +19,7 @@ from ckpt.faulty import reset
 from ckpt.local import LocalStorage
 from ckpt.manifest import merge
 from ckpt.storage import FileEntry
+from pserver.coord.local import standalone
 from pserver.errors import Unavailable
 from pserver.tables import persist
 from pserver.tables.shard import Shard
@@ -158,5 +159,60 @@ def test_a_store_away_during_a_rollback_is_never_a_fresh_start(tmp_path: Path) -
         coord.join_trainer(0, 5)
         assert save(coord, shard, 3) > 1
         assert reader.newest_complete(LocalStorage(root)).serial > 1
+    finally:
+        coord.close()
+
+
+def test_an_async_background_save_writes_the_dense_values_of_its_cut(tmp_path: Path) -> None:
+    """Async mode, background saves: trainer 1 is released once the shard is copied, and
+    pushes at once; trainer 0 pulls the dense values late. The checkpoint must still hold
+    the values at the cut, agreeing with the optimizer state and counters written with
+    them (trainer 1 waits until trainer 0 has them)."""
+    config = job(1, mode="async", num_trainers=2,
+                 checkpoint={"checkpoint_dir": str(tmp_path), "background": True},
+                 recovery={"heartbeat_s": 0.2, "liveness_timeout_s": 60.0})
+    shard = Shard(config, 0)
+    coord = standalone(shard, config.checkpoint)
+    try:
+        joins = [threading.Thread(target=coord.join_trainer, args=(j, 10)) for j in (0, 1)]
+        for t in joins:
+            t.start()
+        for t in joins:
+            t.join(10)
+        train([shard], np.arange(100, dtype=np.uint64), 0)
+        serials: dict[int, int] = {}
+        barriers = [threading.Thread(target=lambda j=j: serials.update(
+            {j: coord.barrier(j, 1, 0, 1, False, 10)})) for j in (0, 1)]
+        for t in barriers:
+            t.start()
+        for t in barriers:
+            t.join(10)
+        serial = serials[0]
+        cut = {n: v.value.copy() for n, v in shard.dense.items()}
+        state = {n: {k: a.copy() for k, a in v.state.items()} for n, v in shard.dense.items()}
+
+        def trainer1() -> None:
+            part = writer.write_trainer(coord.storage, serial, 1, 0, 1, {"global_step": 1})
+            coord.commit(1, serial, part, None, 30)
+            train([shard], np.arange(10, dtype=np.uint64), 1)  # pushes once released
+
+        one = threading.Thread(target=trainer1)
+        one.start()
+        time.sleep(0.5)  # trainer 0 is slow to pull
+        dense = {n: v.value.copy() for n, v in shard.dense.items()}
+        part = writer.write_trainer(coord.storage, serial, 0, 0, 1, {"global_step": 1}, dense)
+        assert coord.commit(0, serial, part, None, 30) == serial
+        one.join(30)
+        deadline = time.monotonic() + 30
+        while reader.newest_complete(LocalStorage(tmp_path)) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        saved = reader.read_all(LocalStorage(tmp_path), reader.load_manifest(
+            LocalStorage(tmp_path), serial))
+        for n in cut:
+            assert saved[f"dense/{n}"]["value"].tobytes() == cut[n].tobytes(), n
+            for k, a in state[n].items():
+                assert saved[f"dense/{n}"][k].tobytes() == a.tobytes(), (n, k)
+        assert any(shard.dense[n].value.tobytes() != cut[n].tobytes() for n in cut)
     finally:
         coord.close()
