@@ -11,6 +11,14 @@ back to its newest complete checkpoint without restarting the others. The next k
 comes once both trainers train again. The last line is JSON: kills, recoveries (the
 generations the job rolled back to), identical (final parameters equal to the
 uninterrupted run's, byte for byte), lost_steps (steps redone because of rollbacks).
+
+With --storage-faults the job file also injects store faults (checkpoint.faults, in every
+process, each counted per process): two outages of the whole checkpoint_dir (it vanishes
+for OUTAGE_S seconds after a number of store calls), and a damaged read of pserver 1's
+table file in its second restore. The line then also has outages (rollbacks and saves that
+met a vanished store: rollbacks_in_outage + saves_failed_in_outage), damaged (restores that
+found a damaged file and fell back) and lost_commits: committed checkpoints newer than what
+a restore then took, other than those found damaged (deleted or skipped work: must be 0).
 """
 
 from __future__ import annotations
@@ -40,12 +48,29 @@ from trainer.demo import demo_job, dump_toml  # noqa: E402
 
 MODEL = {"kind": "deepfm", "embedding_dim": 4, "slot_groups": 2, "hidden": [8],
          "use_fm": True, "use_wide": True, "use_numeric": True}
+COMMITTED = re.compile(r"coordinator: committed checkpoint_(\d+)")
+RESTORES = re.compile(r"coordinator: (?:generation \d+ restores|.* looks unreachable .*; "
+                      r"generation \d+ restores|.* locked for job .*; restoring) "
+                      r"(?:checkpoint_(\d+)|nothing)")
+DAMAGED = re.compile(r"cannot restore checkpoint_(\d+): ")
+UNREACHABLE = re.compile(r"coordinator: .* looks unreachable")
+FAILED_AWAY = re.compile(r"coordinator: checkpoint_(\d+) failed and was not committed: .*vanished")
+OUTAGE_S = 1.5
 ROLLED = re.compile(r"(trainer\[\d\]) rolled back from global step (\d+) to (\d+) "
                     r"\(checkpoint_-?\d+, generation (\d+)\)")
 STEP = re.compile(r"(trainer\[\d\]) epoch \d+ step \d+/")
 
 
-def write_job(data: Path, work: Path, epochs: int, kills: int, save_sleep: float) -> Path:
+def storage_faults() -> list[dict]:
+    """The store faults of --storage-faults (see the module's doc)."""
+    return [{"kind": "vanish", "after": 300, "seconds": OUTAGE_S},
+            {"kind": "vanish", "after": 900, "seconds": OUTAGE_S},
+            {"kind": "damage", "op": "read", "after": 1, "times": 1,
+             "path": "*/__lockup_table__/table_pserver_1/emb_0.values"}]
+
+
+def write_job(data: Path, work: Path, epochs: int, kills: int, save_sleep: float,
+              faults: bool = False) -> Path:
     shutil.rmtree(work, ignore_errors=True)  # a fresh start, not a resume of an earlier run
     doc = demo_job(str(data / "train.txt"), str(data / "train.holdout.txt"), 2, 2, epochs, MODEL)
     doc["trainer"].update(batch_size=128, progress="log", log_every=1)
@@ -53,7 +78,8 @@ def write_job(data: Path, work: Path, epochs: int, kills: int, save_sleep: float
                          "epoch_interval": 1, "step_interval": 5,
                          # each pserver's save waits midway: some kills land in one
                          "faults": [{"kind": "slow", "seconds": save_sleep, "op": "write",
-                                     "path": "*/__lockup_table__/*/emb_0.values"}]}
+                                     "path": "*/__lockup_table__/*/emb_0.values"},
+                                    *(storage_faults() if faults else [])]}
     doc["recovery"] = {"heartbeat_s": 0.2, "liveness_timeout_s": 2.0, "rejoin_timeout_s": 120.0,
                        "max_restarts": kills}
     work.mkdir(parents=True, exist_ok=True)
@@ -92,12 +118,28 @@ class Chaos:
         self.log = log.open("w")
         self._armed_at: float | None = None  # armed once both trainers train
         self._training: set[str] = set()
+        self.committed: set[int] = set()
+        self.damaged: set[int] = set()
+        self.unreachable = 0  # rollbacks that met the store away
+        self.failed_away: set[int] = set()  # saves that failed because it was away
+        self.lost_commits: set[int] = set()  # newer than a restore, and not damaged
 
     def _pause(self) -> float:
         return float(self.rng.uniform(0.3, 2.5))
 
     def feed(self, line: str) -> None:
         self.log.write(line)
+        if m := COMMITTED.search(line):
+            self.committed.add(int(m.group(1)))
+        if m := DAMAGED.search(line):
+            self.damaged.add(int(m.group(1)))
+        if UNREACHABLE.search(line):
+            self.unreachable += 1
+        if m := FAILED_AWAY.search(line):
+            self.failed_away.add(int(m.group(1)))
+        if m := RESTORES.search(line):
+            restored = int(m.group(1)) if m.group(1) else -1
+            self.lost_commits |= {s for s in self.committed - self.damaged if s > restored}
         if m := ROLLED.search(line):
             lost = int(m.group(2)) - int(m.group(3))
             gen = int(m.group(4))
@@ -167,6 +209,8 @@ def main() -> None:
                     "that some kills land in one")
     ap.add_argument("--timeout", type=float, default=0, help="seconds (default: from N)")
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
+    ap.add_argument("--storage-faults", action="store_true",
+                    help="also inject store outages and a damaged read (see above)")
     args = ap.parse_args()
     epochs = args.epochs or 2 + (3 * args.kills + 1) // 2
     timeout = args.timeout or 120 + 30 * args.kills
@@ -185,9 +229,9 @@ def main() -> None:
             raise RuntimeError(f"the uninterrupted run failed:\n{out[-3000:]}")
         reference_s = time.perf_counter() - started
         started = time.perf_counter()
-        chaos = run_chaos(write_job(data, work / "chaos", epochs, args.kills, args.save_sleep),
-                          env,
-                          args.kills, args.seed, timeout)
+        chaos = run_chaos(write_job(data, work / "chaos", epochs, args.kills, args.save_sleep,
+                                    args.storage_faults),
+                          env, args.kills, args.seed, timeout)
         chaos_s = time.perf_counter() - started
         same = identical(final_state(work / "chaos" / "ckpt"),
                          final_state(work / "reference" / "ckpt"))
@@ -197,8 +241,14 @@ def main() -> None:
         print(f"killed {len(chaos.kills)} times ({by_role}); the job rolled back "
               f"{len(chaos.rolled)} times and redid {sum(chaos.rolled.values())} steps; "
               f"{reference_s:.0f}s uninterrupted, {chaos_s:.0f}s with kills")
+        faults = {"outages": chaos.unreachable + len(chaos.failed_away),
+                  "rollbacks_in_outage": chaos.unreachable,
+                  "saves_failed_in_outage": len(chaos.failed_away),
+                  "damaged": len(chaos.damaged),
+                  "lost_commits": len(chaos.lost_commits)} if args.storage_faults else {}
         print(json.dumps({"kills": len(chaos.kills), "recoveries": len(chaos.rolled),
                           "identical": same, "lost_steps": sum(chaos.rolled.values()),
+                          **faults,
                           "kills_by_role": by_role, "epochs": epochs,
                           "uninterrupted_s": round(reference_s, 1),
                           "with_kills_s": round(chaos_s, 1)}))

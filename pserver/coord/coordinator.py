@@ -62,8 +62,10 @@ class Coordinator:
         self.verify_seconds = time.perf_counter() - started
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
-        # the newest checkpoint committed or restored: a listing without it is an outage
-        self.newest_known = self.restore_serial
+        # the checkpoints known complete (there at start, committed or restored since, less
+        # what rotation removed): a listing without the newest (but damaged) is an outage
+        self._known = {e.serial for e in reader.entries(self.storage)
+                       if e.complete and e.problem is None} | {self.restore_serial} - {-1}
         self.failed_in_a_row = 0  # checkpoints failed since the last commit
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
         # the base of the next delta and how many deltas it is past a full checkpoint
@@ -91,6 +93,11 @@ class Coordinator:
         threading.Thread(target=self._keep_lease, name="coordinator-lease", daemon=True).start()
         if watch:
             self.members.start_watch()
+
+    @property
+    def newest_known(self) -> int:
+        """The newest checkpoint known complete and not found damaged (-1: none)."""
+        return max(self._known - self._damaged.keys(), default=-1)
 
     @property
     def generation(self) -> int:
@@ -229,7 +236,7 @@ class Coordinator:
             self._serial = None
         self._round = {}  # trainers waiting in a barrier wake up and join again
         self._skipped = set()
-        known = -1 if self.newest_known in self._damaged else self.newest_known
+        known = self.newest_known
         try:
             manifest = reader.newest_complete(self.storage, deep=reader.PARTS,
                                               damaged=self._damaged)
@@ -249,7 +256,7 @@ class Coordinator:
             return
         self.restore_manifest = manifest
         self.restore_serial = manifest.serial if manifest is not None else -1
-        self.newest_known = max(known, self.restore_serial)
+        self._known |= {self.restore_serial} - {-1}
         self._committed = self._restored_chain(manifest)
         log.info("coordinator: generation %d restores %s", self.members.generation,
                  f"checkpoint_{self.restore_serial}" if manifest else "nothing (a fresh start)")
@@ -448,7 +455,9 @@ class Coordinator:
                  serial, manifest.global_step, manifest.total_bytes / 1e6,
                  time.perf_counter() - started)
         try:
-            return None, retention.plan(self.storage, self.ckpt.max_num_checkpoints)
+            doomed = retention.plan(self.storage, self.ckpt.max_num_checkpoints)
+            self._known -= set(doomed)
+            return None, doomed
         except Exception as e:  # noqa: BLE001 - committed all the same
             log.warning("coordinator: checkpoint_%d is committed; its rotation failed: %s",
                         serial, e)
@@ -466,7 +475,7 @@ class Coordinator:
         trainers hear, and, for the final checkpoint, what a restarted process restores."""
         if outcome is None:  # the base of the next delta
             self._committed = (serial, self._committed[1] + 1 if self._base >= 0 else 0)
-            self.newest_known = max(self.newest_known, serial)
+            self._known.add(serial)
         elif self._missing_base:  # a pserver lacks the base: the next save is full
             self._committed = (self._committed[0], self.ckpt.full_every)
         self._outcome[serial] = outcome
