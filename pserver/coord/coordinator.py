@@ -298,7 +298,8 @@ class Coordinator:
             if len(self._round) == t:
                 self._start_save()
             elif not self._cond.wait_for(lambda: self._serial is not None
-                                         or self.members.generation != gen, timeout):
+                                         or self.members.generation != gen
+                                         or self.members.fatal is not None, timeout):
                 self._round.pop(trainer_id, None)
                 missing = sorted(set(range(t)) - set(self._round))
                 raise DeadlineExceeded(f"Barrier: trainers {missing} did not reach "
@@ -447,6 +448,7 @@ class Coordinator:
             manifest = merge(serial, self.facts, parts, final=self._final, base=self._base)
             self._renew()  # the lock is still this run's: nobody else writes here
             writer.commit(self.storage, manifest)
+            self._known.add(serial)
         except Exception as e:  # noqa: BLE001 - a failed commit fails this checkpoint only
             log.exception("coordinator: committing checkpoint_%d failed", serial)
             return self._failed(f"checkpoint_{serial} failed and was not committed: {e}"), []
@@ -475,7 +477,6 @@ class Coordinator:
         trainers hear, and, for the final checkpoint, what a restarted process restores."""
         if outcome is None:  # the base of the next delta
             self._committed = (serial, self._committed[1] + 1 if self._base >= 0 else 0)
-            self._known.add(serial)
         elif self._missing_base:  # a pserver lacks the base: the next save is full
             self._committed = (self._committed[0], self.ckpt.full_every)
         self._outcome[serial] = outcome
