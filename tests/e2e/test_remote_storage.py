@@ -139,7 +139,7 @@ def test_a_job_on_s3_survives_sigkill_and_ends_bit_identical(
                         "--set", 'job.name="other"', "--port", "0"], env=s3_env(endpoint),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "checkpoint.checkpoint_dir:" in r.stderr, r.stderr
-    assert f"{url} is used by job 'demo' (host" in r.stderr
+    assert f"{url} is used by job 'demo' (run " in r.stderr and "host " in r.stderr
 
 
 def test_background_saves_to_s3_end_like_local_ones(data_dir: Path, tmp_path: Path,
