@@ -23,11 +23,14 @@ token. Where the create is atomic (local and mounted file systems through a
 hard link; S3 through `If-None-Match: *`; fsspec's memory store) two runs
 starting together cannot both win. Elsewhere fsspec's `mode="create"` is asked
 for but not counted on: the read-back catches only the one whose write landed
-first. Taking over a lease and renewing are a read, then a replace: a lease
-is only taken over after it expired, so the two cannot race unless the holder
-stalls for longer than its lease (its next renewal or commit then finds the
-lock lost). Leases compare wall clocks of different hosts: keep them in sync
-to well within the lease.
+first. Taking over a lease and renewing are a read, then a replace (and a
+read back): a lease is only taken over after it expired or was released, so a
+holder and a taker race only if the holder stalls for longer than its lease
+(its next renewal or commit then finds the lock lost). Two runs taking over the
+same expired or released lease at the same moment can both pass the read back;
+the loser finds out at its first renewal or save (exit 3), before it commits.
+Leases compare wall clocks of different hosts: keep them in sync to well
+within the lease.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,13 @@ def newest_complete(storage: Storage, deep: bool | str = True,
     is too; others are skipped with a warning saying what is wrong. `damaged`: serials
     found damaged while they were restored, and why (they and deltas over them are
     skipped)."""
+    return next(restorable(storage, deep, damaged), None)
+
+
+def restorable(storage: Storage, deep: bool | str = True,
+               damaged: dict[int, str] | None = None) -> Iterator[Manifest]:
+    """Every checkpoint `newest_complete` would take, newest first (each skipped one is
+    logged when it is passed)."""
     damaged = damaged or {}
     checked: dict[int, list[str]] = {s: [f"damaged: {why}"] for s, why in damaged.items()}
     for e in reversed(entries(storage, deep=False)):
@@ -148,12 +156,12 @@ def newest_complete(storage: Storage, deep: bool | str = True,
         if problem is None and e.manifest is not None:
             try:
                 chain(storage, e.manifest, deep, checked)
-                return e.manifest
+                yield e.manifest
+                continue
             except ValueError as err:
                 problem = f"cannot be restored: {err}"
         log.warning("skipping %s in %s: %s", layout.checkpoint_name(e.serial), storage.root,
                     problem)
-    return None
 
 
 def max_serial(storage: Storage) -> int:

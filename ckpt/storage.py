@@ -76,6 +76,8 @@ def npy_from_buffer(data: Any, rel: str) -> np.ndarray:
     head = io.BytesIO(memoryview(data)[:HEADER_ALIGN * 4])
     try:
         version = np.lib.format.read_magic(head)
+        if version not in ((1, 0), (2, 0)):  # (3.0: UTF-8 names) numpy's own reader, a copy
+            return np.load(io.BytesIO(data), allow_pickle=False)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
             np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(head)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ckpt import CheckpointConfig, lock, reader, retention, writer
+from ckpt import CheckpointConfig, layout, lock, reader, retention, writer
 from ckpt.manifest import Manifest, Part, merge
 from ckpt.storage import shown
 from pserver.config import JobConfig
@@ -58,14 +58,16 @@ class Coordinator:
         started = time.perf_counter()
         # the trainers' files are checked here, the pservers' while they load them
         self._damaged: dict[int, str] = {}  # serial -> the damaged file found restoring it
-        manifest = reader.newest_complete(self.storage, deep=reader.PARTS)
+        found = list(reader.restorable(self.storage, deep=reader.PARTS))
+        manifest = found[0] if found else None
         self.verify_seconds = time.perf_counter() - started
         self.restore_serial = manifest.serial if manifest is not None else -1
         self.restore_manifest = manifest
-        # the checkpoints known complete (there at start, committed or restored since, less
-        # what rotation removed): a listing without the newest (but damaged) is an outage
-        self._known = {e.serial for e in reader.entries(self.storage)
-                       if e.complete and e.problem is None} | {self.restore_serial} - {-1}
+        # the checkpoints known restorable (at start, committed or restored since, less what
+        # rotation removed): a listing without the newest (but damaged) is an outage
+        self._known = {m.serial for m in found}
+        self._closed = False
+        self._decided: dict[int, str | None] = {}  # serial -> outcome, once committed or not
         self.failed_in_a_row = 0  # checkpoints failed since the last commit
         self.last_serial = max(reader.max_serial(self.storage), self.restore_serial)
         # the base of the next delta and how many deltas it is past a full checkpoint
@@ -108,8 +110,9 @@ class Coordinator:
         self._lease_stop.set()
         self._pool.shutdown(wait=False)
         with self._lease:
-            if self.lock_lost is None:
+            if self.lock_lost is None and not self._closed:
                 lock.release(self.storage, self.holder)
+            self._closed = True  # a save still running commits nothing (nor renews)
 
     # ---- the lock's lease ---------------------------------------------------
 
@@ -129,6 +132,8 @@ class Coordinator:
         with self._lease:
             if self.lock_lost is not None:
                 raise lock.LockLost(self.lock_lost)
+            if self._closed:
+                raise lock.LockLost("the coordinator has stopped")
             try:
                 self.holder = lock.renew(self.storage, self.holder)
             except lock.LockLost as e:
@@ -175,7 +180,8 @@ class Coordinator:
             gen = m.generation if generation is None else generation
             if damaged:
                 if gen == m.generation and serial == self.restore_serial >= 0:
-                    self._damaged[serial] = damaged
+                    for bad in self._damaged_chain(serial, damaged):
+                        self._damaged[bad] = damaged
                     log.warning("coordinator: pserver[%d] cannot restore checkpoint_%d: %s; "
                                 "the job falls back to an older checkpoint", pserver_id,
                                 serial, damaged)
@@ -185,6 +191,18 @@ class Coordinator:
                 raise FailedPrecondition(f"Ready: pserver {pserver_id} restored checkpoint "
                                          f"{serial}, the job restores {self.restore_serial}")
             m.mark_ready(pserver_id, gen)
+
+    def _damaged_chain(self, serial: int, damaged: str) -> set[int]:
+        """The checkpoints a damaged file of `serial`'s restore spoils: the one that holds
+        it (a delta's base, maybe) and the deltas over it up to `serial`."""
+        holder = layout.parse_serial(damaged.split("/", 1)[0])
+        if holder is None or holder == serial:
+            return {serial}
+        try:
+            links = reader.chain(self.storage, reader.load_manifest(self.storage, serial))
+        except (OSError, ValueError):
+            return {serial, holder}
+        return {m.serial for m in links if m.serial >= holder} | {holder, serial}
 
     def join_trainer(self, trainer_id: int, timeout: float, incarnation: str = "") -> int:
         """Wait until every pserver has restored and every trainer has joined; returns the
@@ -230,7 +248,9 @@ class Coordinator:
 
     def _on_rollback(self, reason: str) -> None:
         """(Under the lock.) Abandon the checkpoint being written; restore the newest."""
-        if self._serial is not None:
+        if self._serial is not None and self._serial in self._decided:
+            self._settle(self._serial, self._decided[self._serial])  # committed (or not)
+        elif self._serial is not None:
             self._outcome[self._serial] = f"checkpoint_{self._serial} abandoned: {reason}"
             self._abandoned.add(self._serial)
             self._serial = None
@@ -416,8 +436,8 @@ class Coordinator:
 
     def _add_part(self, serial: int, part: Part | None, error: str | None) -> None:
         with self._cond:
-            if serial != self._serial:
-                return
+            if serial != self._serial or serial in self._decided:
+                return  # (late, or repeated after the commit)
             if error is not None:
                 self._failures.append(error)
             if part is not None:
@@ -430,6 +450,7 @@ class Coordinator:
             # that a rollback (which picks its checkpoint under it too) sees before or after
             outcome, doomed = self._commit(serial, list(self._parts.values()),
                                            list(self._failures))
+            self._decided[serial] = outcome  # a rollback from here on settles it
         self._rotate(serial, doomed)  # before the trainers hear: done when the job ends
         self.metrics.checkpoint_outcome(serial, outcome)
         with self._cond:

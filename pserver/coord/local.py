@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ckpt import CheckpointConfig
+from ckpt import CheckpointConfig, reader
 from ckpt.manifest import Part
 from ckpt.storage import Damaged
 from pserver.coord.coordinator import Coordinator
@@ -51,12 +51,14 @@ def standalone(shard: Shard, ckpt: CheckpointConfig) -> Coordinator:
                        lambda serial, part, err: coord.report_part(0, serial, part, err))
     coord = Coordinator(shard.config, ckpt, persist.job_facts(shard),
                         lambda _pserver, serial, base: save(serial, base), watch=False)
-    while coord.restore_manifest is not None:
+    while coord.restore_serial >= 0:
+        serial = coord.restore_serial
+        manifest = coord.restore_manifest or reader.load_manifest(coord.storage, serial)
         try:
-            persist.load_shard(shard, coord.storage, coord.restore_manifest)
+            persist.load_shard(shard, coord.storage, manifest)
             break
         except Damaged as e:  # fall back to an older checkpoint (every array is reloaded)
-            coord.ready(0, coord.restore_serial, damaged=str(e))
+            coord.ready(0, serial, damaged=str(e))
     coord.join_pserver(0, "in-process")
     coord.ready(0, coord.restore_serial)
     return coord

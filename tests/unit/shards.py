@@ -37,11 +37,12 @@ def train(group: list[Shard], ids: np.ndarray, seed: int) -> None:
 
 
 def coordinator(tmp_path: Path, faults: list[dict], keep: int = 3, run: str = "",
-                lease_s: float = 30.0) -> tuple[Coordinator, Shard]:
+                lease_s: float = 30.0, **checkpoint: object) -> tuple[Coordinator, Shard]:
     """A coordinator of a 1-pserver, 1-trainer job on `tmp_path`, running: its shard is
-    saved in this process, and its one trainer has joined."""
+    saved in this process, and its one trainer has joined. `checkpoint`: more keys."""
     config = job(1, checkpoint={"checkpoint_dir": str(tmp_path), "faults": faults,
-                                "max_num_checkpoints": keep, "lock_lease_s": lease_s},
+                                "max_num_checkpoints": keep, "lock_lease_s": lease_s,
+                                **checkpoint},
                  recovery={"heartbeat_s": 0.2, "liveness_timeout_s": 60.0})
     config = dataclasses.replace(config, run_id=run)
     shard = Shard(config, 0)

@@ -18,7 +18,7 @@ from ckpt import layout, reader, writer
 from ckpt.faulty import reset
 from ckpt.local import LocalStorage
 from ckpt.manifest import merge
-from ckpt.storage import FileEntry
+from ckpt.storage import Damaged, FileEntry
 from pserver.coord.local import standalone
 from pserver.errors import Unavailable
 from pserver.tables import persist
@@ -214,5 +214,77 @@ def test_an_async_background_save_writes_the_dense_values_of_its_cut(tmp_path: P
             for k, a in state[n].items():
                 assert saved[f"dense/{n}"][k].tobytes() == a.tobytes(), (n, k)
         assert any(shard.dense[n].value.tobytes() != cut[n].tobytes() for n in cut)
+    finally:
+        coord.close()
+
+
+def test_a_checkpoint_skipped_at_start_is_not_taken_for_the_newest_known(
+        tmp_path: Path) -> None:
+    """checkpoint_1's trainer file is damaged: the start restores checkpoint_0, and so does a
+    rollback (the listing is not taken for an outage that hides checkpoint_1)."""
+    coord, shard = coordinator(tmp_path, [])
+    assert save(coord, shard, 1) == 0 and save(coord, shard, 2) == 1
+    coord.close()
+    state = tmp_path / "checkpoint_1" / layout.trainer_file(0, "reader_state")
+    state.write_bytes(state.read_bytes().replace(b"2", b"7"))
+    again, _ = coordinator(tmp_path, [])
+    try:
+        assert again.restore_serial == 0 and again.newest_known == 0
+        again.join_pserver(0, "in-process", "restarted")
+        assert again.restore_serial == 0
+    finally:
+        again.close()
+
+
+def test_a_rollback_while_a_committed_checkpoint_is_rotated_keeps_it_committed(
+        tmp_path: Path) -> None:
+    """Rotation after checkpoint_1's commit is slow; a rollback in that gap settles the
+    checkpoint as committed (the trainer hears so), and a repeated part changes nothing."""
+    slow = {"kind": "slow", "seconds": 1.0, "op": "remove"}
+    coord, shard = coordinator(tmp_path, [slow], keep=1)
+    try:
+        assert save(coord, shard, 1) == 0  # (nothing to rotate yet)
+        serial = coord.barrier(0, 2, 0, 2, False, 5)
+        dense = {n: v.value for n, v in shard.dense.items()}
+        part = writer.write_trainer(coord.storage, serial, 0, 0, 2, {"global_step": 2}, dense)
+        heard: list = []
+        committing = threading.Thread(
+            target=lambda: heard.append(coord.commit(0, serial, part, None, 30)))
+        committing.start()
+        deadline = time.monotonic() + 10
+        while serial not in coord._decided and time.monotonic() < deadline:
+            time.sleep(0.01)
+        coord.report_part(0, serial, part, None)  # a repeated part: ignored
+        coord.join_pserver(0, "in-process", "restarted")  # in the middle of rotation
+        committing.join(30)
+        assert heard == [serial] and coord.restore_serial == serial
+        assert reader.load_manifest(LocalStorage(tmp_path), serial).serial == serial
+        while (tmp_path / "checkpoint_0").exists():  # rotation goes on, and ends
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
+    finally:
+        coord.close()
+
+
+def test_a_damaged_base_rolls_the_job_back_once(tmp_path: Path) -> None:
+    """A delta chain 0 <- 1 <- 2 whose full checkpoint holds the damaged file: one report
+    skips the whole chain (not one rollback per delta)."""
+    coord, shard = coordinator(tmp_path, [], full_every=3)
+    try:
+        train([shard], np.arange(30, dtype=np.uint64), 0)
+        for step in (1, 2, 3):  # a full checkpoint, then two deltas over it
+            save(coord, shard, step)
+        values = tmp_path / "checkpoint_0" / layout.table_file(0, "emb", "values")
+        raw = bytearray(values.read_bytes())
+        raw[-1] ^= 1
+        values.write_bytes(bytes(raw))
+        serial = coord.join_pserver(0, "in-process", "restarted")
+        assert serial == 2
+        with pytest.raises(Damaged, match="^checkpoint_0/") as e:
+            persist.load_shard(Shard(shard.config, 0), coord.storage,
+                               reader.load_manifest(coord.storage, serial))
+        rollbacks = coord.members.rollbacks
+        coord.ready(0, serial, coord.generation, damaged=str(e.value))
+        assert coord.members.rollbacks == rollbacks + 1 and coord.restore_serial == -1
     finally:
         coord.close()
