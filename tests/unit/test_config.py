@@ -122,3 +122,17 @@ def test_specs_made_in_code_are_seeded_and_a_job_file_derives_the_seed() -> None
 def test_the_first_bad_key_is_named(doc: dict, message: str) -> None:
     with pytest.raises(cfg.ConfigError, match="^" + re.escape(message)):
         build_job(doc)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"job": {"run_id": "two words"}}, "job.run_id: expected up to 128 letters, digits or "
+                                       "-_.:, got 'two words'"),
+    ({"job": {"run_id": "r" * 129}}, "job.run_id: expected up to 128"),
+    ({"job": {"run_id": 42}}, "job.run_id: expected str"),
+    ({"checkpoint": {"lock_lease_s": 0}}, "checkpoint.lock_lease_s: expected a number of "
+                                          "seconds > 0, got 0"),
+    ({"checkpoint": {"lock_lease_s": "30"}}, "checkpoint.lock_lease_s: expected a number"),
+])
+def test_bad_lock_keys_are_refused_naming_them(raw: dict, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        cfg.build(raw)
