@@ -114,6 +114,12 @@ class Coordinator:
                 lock.release(self.storage, self.holder)
             self._closed = True  # a save still running commits nothing (nor renews)
 
+    def fail(self, message: str) -> None:
+        """The job has failed (its host cannot go on): every member hears `message`."""
+        with self._cond:
+            self.members.fatal = self.members.fatal or message
+            self._cond.notify_all()
+
     # ---- the lock's lease ---------------------------------------------------
 
     def _keep_lease(self) -> None:

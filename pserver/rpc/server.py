@@ -73,13 +73,15 @@ class Pserver:
             self.shard.fence(reason)
 
     def fail(self, message: str) -> None:
-        """The job cannot go on: log why and stop serving (`run` exits 1)."""
+        """The job cannot go on: log why and stop serving (`run` exits 3, JOB_FAILED)."""
         log.error("pserver[%d]: %s", self.shard.pserver_id, message)
         self.error = message
         if self.coordinator is None:
             self.stopped.set()
             return
-        # the coordinator's host lingers a few heartbeats so the others hear why
+        # the job fails with it: calls waiting in the coordinator (a trainer's Join) return,
+        # and the coordinator's host lingers a few heartbeats so the others hear why
+        self.coordinator.fail(message)
         linger = threading.Timer(3 * self.shard.config.recovery.heartbeat_s + 0.5,
                                  self.stopped.set)
         linger.daemon = True

@@ -377,3 +377,38 @@ def test_a_damaged_shard_found_in_a_rollback_rolls_the_whole_job_back(
     assert f"pserver[1] cannot restore checkpoint_1: {damaged}: checksum xxh3" in out
     assert "skipping checkpoint_1" in out and "restored checkpoint_0" in out
     assert_identical(final_state(ckdir), reference)
+
+
+def test_a_store_lost_for_longer_than_rejoin_timeout_fails_the_job_and_keeps_its_work(
+        data_dir: Path, tmp_path: Path) -> None:
+    """checkpoint_dir vanishes (moved away, as a lost mount) and a trainer is killed: the
+    rollback restores the newest known checkpoint, never nothing; the pservers cannot load
+    it and the job fails (exit 3) after recovery.rejoin_timeout_s. Nothing is written where
+    the directory was; once it is back, the next run resumes from it."""
+    ckdir, away = tmp_path / "ckpt", tmp_path / "away"
+    job = write_job(data_dir, tmp_path, ckdir, 1, 1, faults=slow_saves(0.5),
+                    recovery={"rejoin_timeout_s": 3.0})
+    proc = launch(job)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckdir / "checkpoint_1" / "_SUCCESS").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.02)
+        ckdir.rename(away)
+        os.kill(pid_of(job, "trainer", 0), signal.SIGKILL)  # the job rolls back
+        proc.wait(120)
+    finally:
+        proc.kill()
+        proc.wait(60)
+    out = "".join(lines)
+    assert proc.returncode == 3, out[-3000:]
+    assert "looks unreachable" in out and "restores checkpoint_" in out
+    assert "could not rejoin the job within 3s" in out
+    assert "restores nothing" not in out
+    assert not ckdir.exists()  # not made again
+    newest = reader.newest_complete(LocalStorage(away)).serial
+    away.rename(ckdir)
+    resumed = run_to_end(job, env=without_faults(python_env()))
+    assert f"restored checkpoint_{newest}" in resumed
