@@ -29,6 +29,7 @@ from ckpt.storage import (
     Storage,
     check_bytes,
     join,
+    mismatch,
     npy_from_buffer,
 )
 
@@ -168,7 +169,7 @@ class LocalStorage(Storage):
             extra = len(f.read(1)) if got == size else 0
         if got != size or extra:
             actual = os.path.getsize(self.path(rel))
-            raise Damaged(rel, f"size {actual}, manifest says {size}")
+            raise Damaged(rel, mismatch(actual, None, {"size": size, "xxh3": xxh3}))
         check_bytes(rel, view, size, xxh3)
         return npy_from_buffer(buf, rel)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ckpt import layout
 from ckpt.manifest import Manifest
-from ckpt.storage import Damaged, Storage
+from ckpt.storage import Damaged, Storage, mismatch
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,9 @@ def verify(storage: Storage, serial: int, deep: bool | str = True) -> list[str]:
         if rel not in present:
             problems.append(f"{rel}: missing")
             continue
-        if not _deep_for(deep, rel):
-            size = present[rel]
-            if size != want["size"]:
-                problems.append(f"{rel}: size {size}, manifest says {want['size']}")
-            continue
-        size, digest = storage.checksum(path)
-        if size != want["size"]:
-            problems.append(f"{rel}: size {size}, manifest says {want['size']}")
-        elif digest != want["xxh3"]:
-            problems.append(f"{rel}: checksum xxh3 {digest:016x}, manifest says "
-                            f"{want['xxh3']:016x}")
+        size, digest = storage.checksum(path) if _deep_for(deep, rel) else (present[rel], None)
+        if (problem := mismatch(size, digest, want)) is not None:
+            problems.append(f"{rel}: {problem}")
     return problems
 
 
@@ -199,11 +191,8 @@ def _read(storage: Storage, manifest: Manifest, rel: str, mmap: bool = False) ->
         raise Damaged(path, "not in the checkpoint's manifest")
     if not mmap:
         return storage.read_verified(path, want["size"], want["xxh3"])
-    size, digest = storage.checksum(path)
-    if size != want["size"]:
-        raise Damaged(path, f"size {size}, manifest says {want['size']}")
-    if digest != want["xxh3"]:
-        raise Damaged(path, f"checksum xxh3 {digest:016x}, manifest says {want['xxh3']:016x}")
+    if (problem := mismatch(*storage.checksum(path), want)) is not None:
+        raise Damaged(path, problem)
     return storage.read_array(path, mmap=True)
 
 

@@ -62,13 +62,21 @@ class Damaged(ValueError):
         self.rel = rel
 
 
+def mismatch(size: int, digest: int | None, want: dict) -> str | None:
+    """Why a file of `size` bytes with XXH3 `digest` (None: not read) is not the manifest's
+    entry `want` ({"size", "xxh3"}), or None."""
+    if size != want["size"]:
+        return f"size {size}, manifest says {want['size']}"
+    if digest is not None and digest != want["xxh3"]:
+        return f"checksum xxh3 {digest:016x}, manifest says {want['xxh3']:016x}"
+    return None
+
+
 def check_bytes(rel: str, data: Any, size: int, xxh3: int) -> None:
     """Damaged unless `data` (bytes-like) has the manifest's size and checksum."""
-    if len(data) != size:
-        raise Damaged(rel, f"size {len(data)}, manifest says {size}")
-    digest = xxhash.xxh3_64_intdigest(data)
-    if digest != xxh3:
-        raise Damaged(rel, f"checksum xxh3 {digest:016x}, manifest says {xxh3:016x}")
+    problem = mismatch(len(data), xxhash.xxh3_64_intdigest(data), {"size": size, "xxh3": xxh3})
+    if problem is not None:
+        raise Damaged(rel, problem)
 
 
 def npy_from_buffer(data: Any, rel: str) -> np.ndarray:
