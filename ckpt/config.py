@@ -9,6 +9,7 @@ import fsspec
 
 from ckpt.backends import open_storage
 from ckpt.faulty import FaultyStorage, parse_faults
+from ckpt.lock import LEASE_S
 from ckpt.storage import Storage, protocol_of, shown
 
 PRIORITIES = ("idle", "low", "normal")  # of the thread writing a background save
@@ -122,7 +123,7 @@ class CheckpointConfig:
                                     "where something keeps every core busy the write waits), "
                                     "\"low\" (nice 19) or \"normal\" (the pserver's own)",
                                     _priority)
-    lock_lease_s: float = _key(30.0, "the checkpoint lock's lease: the coordinator renews it "
+    lock_lease_s: float = _key(LEASE_S, "the checkpoint lock's lease: the coordinator renews it "
                                "every third of this; another run of the job may take the lock "
                                "once it was not renewed for this long (ckpt/lock.py)", _seconds)
     faults: tuple = _key((), "store faults to inject, for tests and drills (`ckpt/faulty.py`): "

@@ -158,8 +158,9 @@ class ServerMetrics(Exporter):
                                        "the newest committed checkpoint (coordinator; -1: none)")
         self._last_time = self.gauge("psrt_checkpoint_last_committed_timestamp_seconds",
                                      "when the newest committed checkpoint was committed")
-        self._in_a_row = self.gauge("psrt_checkpoints_failed_in_a_row", "checkpoints that "
-                                    "failed since the last one committed (coordinator)")
+        self.gauge("psrt_checkpoints_failed_in_a_row", "checkpoints that failed since the "
+                   "last one committed (coordinator)").set_function(
+            lambda: coordinator.failed_in_a_row)
         coordinator.metrics = self
         manifest = coordinator.restore_manifest
         self._last_serial.set(coordinator.restore_serial)
@@ -171,10 +172,8 @@ class ServerMetrics(Exporter):
             self._committed.inc()
             self._last_serial.set(serial)
             self._last_time.set(time.time())
-            self._in_a_row.set(0)
         else:
             self._failed.inc()
-            self._in_a_row.inc()
 
 
 def for_pserver(config: JobConfig, pserver_id: int, shard: Any) -> ServerMetrics | \

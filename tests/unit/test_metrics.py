@@ -35,6 +35,7 @@ class NoCheckpointYet:
 
     restore_manifest = None
     restore_serial = -1
+    failed_in_a_row = 0
 
 
 def exported_names() -> dict[str, str]:
