@@ -106,6 +106,9 @@ def test_a_rollback_during_a_commit_restores_what_the_commit_leaves(tmp_path: Pa
         serial = coord.barrier(0, 2, 0, 2, False, 5)
         dense = {n: v.value for n, v in shard.dense.items()}
         part = writer.write_trainer(coord.storage, serial, 0, 0, 2, {"global_step": 2}, dense)
+        deadline = time.monotonic() + 10
+        while ("pserver", 0) not in coord._parts and time.monotonic() < deadline:
+            time.sleep(0.01)  # the trainer's part comes last: its thread commits and rotates
         heard: list = []
 
         def commit() -> None:
