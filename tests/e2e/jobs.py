@@ -1,10 +1,12 @@
-"""A job run as real processes: write its job file, launch it (or run it to the end), find
-one of its processes, read the final state of its checkpoints, compare two runs."""
+"""A job run as real processes: write its job file, launch it (and watch it, or run it to
+the end), find one of its processes, read the final state of its checkpoints, compare two runs."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,36 @@ def launch(job: Path, timeout: float = 300, env: dict | None = None) -> subproce
     return subprocess.Popen([sys.executable, "-m", "trainer", "launch", "--config", str(job)],
                             cwd=job.parent, env=env or python_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+class Running:
+    """A launched job whose output is collected as it comes (its pipe never fills); as a
+    context, the launcher is killed at the end if it still runs."""
+
+    def __init__(self, job: Path, env: dict | None = None) -> None:
+        self.proc = launch(job, env=env)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout),
+                         daemon=True).start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def until_committed(self, ckdir: Path, serial: int, timeout: float = 120) -> None:
+        """Wait until checkpoint `serial` is committed; the job must go on running."""
+        deadline = time.monotonic() + timeout
+        while not (ckdir / f"checkpoint_{serial}" / "_SUCCESS").exists():
+            assert time.monotonic() < deadline and self.proc.poll() is None, \
+                self.output[-3000:]
+            time.sleep(0.02)
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait(60)
 
 
 def run_to_end(job: Path, env: dict | None = None) -> str:

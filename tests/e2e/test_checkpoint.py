@@ -9,8 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from ckpt import layout, reader
 from ckpt.local import LocalStorage
 from tests.e2e.jobs import (
+    Running,
     assert_identical,
     final_state,
     full_disk,
@@ -308,12 +307,8 @@ def test_a_second_launch_is_refused_while_the_first_runs(data_dir: Path, tmp_pat
     holder and its lease) and writes nothing; once the first is killed, the next resumes."""
     ckdir = tmp_path / "ckpt"
     job = write_job(data_dir, tmp_path, ckdir, epochs=1, faults=slow_saves(1.0))
-    first = launch(job)
-    threading.Thread(target=first.stdout.read, daemon=True).start()  # keep its pipe flowing
-    try:
-        deadline = time.monotonic() + 120
-        while not list(ckdir.glob("checkpoint_*/_SUCCESS")) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with Running(job) as first:
+        first.until_committed(ckdir, 0)
         held = json.loads((ckdir / layout.LOCK).read_text())
         before = sorted(os.listdir(ckdir))
         second = subprocess.run([sys.executable, "-m", "trainer", "launch", "--config",
@@ -326,10 +321,6 @@ def test_a_second_launch_is_refused_while_the_first_runs(data_dir: Path, tmp_pat
         assert json.loads((ckdir / layout.LOCK).read_text())["token"] == held["token"]
         assert "trainer[" not in second.stdout  # no trainer was started
         os.kill(pid_of(job, "pserver", 0), signal.SIGKILL)  # the first run crashes
-        first.kill()
-    finally:
-        first.kill()
-        first.wait(60)
     assert set(before) <= set(os.listdir(ckdir)) | {"_LOCK"}
     out = run_to_end(job, env=without_faults(python_env()))  # a third run takes it over
     assert "restored checkpoint_" in out
@@ -357,23 +348,14 @@ def test_a_damaged_shard_found_in_a_rollback_rolls_the_whole_job_back(
     The job then ends bit-identical to one never interrupted."""
     ckdir = tmp_path / "ckpt"
     job = write_job(data_dir, tmp_path, ckdir, faults=slow_saves(1.0))
-    proc = launch(job)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     damaged = "checkpoint_1/__lockup_table__/table_pserver_1/emb_0.values"
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckdir / "checkpoint_1" / "_SUCCESS").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.02)
+    with Running(job) as run:
+        run.until_committed(ckdir, 1)
         _corrupt(ckdir / damaged)
         os.kill(pid_of(job, "trainer", 1), signal.SIGKILL)  # the job rolls back
-        proc.wait(300)
-    finally:
-        proc.kill()
-        proc.wait(60)
-    out = "".join(lines)
-    assert proc.returncode == 0, out[-3000:]
+        run.proc.wait(300)
+    out = run.output
+    assert run.proc.returncode == 0, out[-3000:]
     assert f"pserver[1] cannot restore checkpoint_1: {damaged}: checksum xxh3" in out
     assert "skipping checkpoint_1" in out and "restored checkpoint_0" in out
     assert_identical(final_state(ckdir), reference)
@@ -388,22 +370,13 @@ def test_a_store_lost_for_longer_than_rejoin_timeout_fails_the_job_and_keeps_its
     ckdir, away = tmp_path / "ckpt", tmp_path / "away"
     job = write_job(data_dir, tmp_path, ckdir, 1, 1, faults=slow_saves(0.5),
                     recovery={"rejoin_timeout_s": 3.0})
-    proc = launch(job)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckdir / "checkpoint_1" / "_SUCCESS").exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.02)
+    with Running(job) as run:
+        run.until_committed(ckdir, 1)
         ckdir.rename(away)
         os.kill(pid_of(job, "trainer", 0), signal.SIGKILL)  # the job rolls back
-        proc.wait(120)
-    finally:
-        proc.kill()
-        proc.wait(60)
-    out = "".join(lines)
-    assert proc.returncode == 3, out[-3000:]
+        run.proc.wait(120)
+    out = run.output
+    assert run.proc.returncode == 3, out[-3000:]
     assert "looks unreachable" in out and "restores checkpoint_" in out
     assert "could not rejoin the job within 3s" in out
     assert "restores nothing" not in out
